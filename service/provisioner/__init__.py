@@ -1,0 +1,1 @@
+"""eBuilder Provisioner: paid Stripe checkout in, live store behind nginx out."""

@@ -1,0 +1,83 @@
+"""The durable job queue, in the database so it survives restarts.
+
+A claimed job holds a lease; if its worker dies the lease runs out and the job
+is claimed again. Failures retry with exponential backoff and end `failed`,
+with the error kept, after `max_attempts`.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from pony.orm import select
+
+from provisioner.models import Instance, Job, LogEntry, StripeEvent, utcnow
+
+LEASE = timedelta(minutes=15)
+BACKOFF_CAP = timedelta(hours=1)
+
+
+def enqueue(kind: str, *, instance: Instance | None = None, event: StripeEvent | None = None,
+            delay: timedelta = timedelta(0)) -> Job:
+    """Queue a job unless an identical one is already waiting (needs a db_session)."""
+    waiting = select(
+        j for j in Job
+        if j.kind == kind and j.instance == instance and j.event == event and j.state == "queued"
+    ).first()
+    if waiting is not None:
+        return waiting
+    return Job(kind=kind, instance=instance, event=event, next_run_at=utcnow() + delay)
+
+
+def claim_due(limit: int = 100) -> list[int]:
+    """Take due jobs, at most one per instance, marking them running (needs a db_session)."""
+    now = utcnow()
+    busy = set(select(
+        j.instance.id for j in Job
+        if j.state == "running" and j.locked_until > now and j.instance is not None
+    ))
+    due = select(
+        j for j in Job
+        if (j.state == "queued" and j.next_run_at <= now)
+        or (j.state == "running" and j.locked_until <= now)
+    ).order_by(Job.id)
+    claimed: list[int] = []
+    for job in due:
+        if job.instance is not None:
+            if job.instance.id in busy:
+                continue
+            busy.add(job.instance.id)
+        job.state = "running"
+        job.attempts += 1
+        job.locked_until = now + LEASE
+        claimed.append(job.id)
+        if len(claimed) >= limit:
+            break
+    return claimed
+
+
+def complete(job: Job) -> None:
+    job.state = "done"
+    job.finished_at = utcnow()
+    job.locked_until = None
+    job.last_error = None
+
+
+def fail(job: Job, error: str, *, max_attempts: int, base_seconds: int) -> bool:
+    """Record a failure; True if the job will be retried, False if it gave up."""
+    job.last_error = error
+    job.locked_until = None
+    LogEntry(level="error", message=f"{job.kind} job {job.id} attempt {job.attempts}: {error}",
+             instance=job.instance, job=job)
+    if job.attempts >= max_attempts:
+        job.state = "failed"
+        job.finished_at = utcnow()
+        return False
+    delay = min(timedelta(seconds=base_seconds * 2 ** (job.attempts - 1)), BACKOFF_CAP)
+    job.state = "queued"
+    job.next_run_at = utcnow() + delay
+    return True
+
+
+def pending_count() -> int:
+    return select(j for j in Job if j.state in ("queued", "running")).count()

@@ -1,0 +1,177 @@
+"""What the service knows, in Pony entities.
+
+Instances are never deleted as rows: `live` turns false when a store is
+destroyed, which releases its subdomain and port (partial unique indexes
+enforce "unique among live instances" in the database itself).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from urllib.parse import urlparse
+
+from pony.orm import Database, LongStr, Optional, PrimaryKey, Required, Set, db_session
+
+from provisioner.config import Config, ConfigError
+
+db = Database()
+
+
+def utcnow() -> datetime:
+    """Naive UTC, the form Pony stores."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+class Customer(db.Entity):
+    id = PrimaryKey(int, auto=True)
+    stripe_id = Optional(str, unique=True, nullable=True)
+    email = Required(str)
+    created_at = Required(datetime, default=utcnow)
+    subscriptions = Set("Subscription")
+    instances = Set("Instance")
+
+
+class Subscription(db.Entity):
+    id = PrimaryKey(int, auto=True)
+    stripe_id = Required(str, unique=True)
+    customer = Optional(Customer)
+    stripe_customer_id = Optional(str, nullable=True)
+    # Stripe's own status word (active, past_due, ...); None until known.
+    status = Optional(str, nullable=True)
+    payment_confirmed = Required(bool, default=False)
+    current_period_start = Optional(datetime)
+    current_period_end = Optional(datetime)
+    cancel_at = Optional(datetime)
+    canceled_at = Optional(datetime)
+    created_at = Required(datetime, default=utcnow)
+    updated_at = Required(datetime, default=utcnow)
+    instances = Set("Instance")
+
+
+class Instance(db.Entity):
+    id = PrimaryKey(int, auto=True)
+    subdomain = Required(str)
+    site_name = Required(str)
+    admin_email = Required(str)
+    # The first-boot password, kept only until the welcome email is out.
+    admin_password = Optional(str, nullable=True)
+    customer = Optional(Customer)
+    subscription = Optional(Subscription)
+    checkout_session_id = Optional(str, unique=True, nullable=True)
+    port = Required(int)
+    docker_host = Required(str, default="localhost")
+    # Actual state: pending, provisioning, running, failed.
+    status = Required(str, default="pending")
+    # What billing says it should be: pending, running.
+    desired_state = Required(str, default="pending")
+    status_message = Optional(str, nullable=True)
+    live = Required(bool, default=True)
+    welcome_sent_at = Optional(datetime)
+    provisioned_at = Optional(datetime)
+    created_at = Required(datetime, default=utcnow)
+    updated_at = Required(datetime, default=utcnow)
+    jobs = Set("Job")
+    logs = Set("LogEntry")
+
+    @property
+    def container_name(self) -> str:
+        return f"ebuilder_{self.subdomain}"
+
+    def set_status(self, status: str, message: str | None = None) -> None:
+        self.status = status
+        self.status_message = message
+        self.updated_at = utcnow()
+
+
+class StripeEvent(db.Entity):
+    id = PrimaryKey(int, auto=True)
+    stripe_id = Required(str, unique=True)
+    type = Required(str)
+    payload = Required(LongStr)
+    received_at = Required(datetime, default=utcnow)
+    processed_at = Optional(datetime)
+    failed_at = Optional(datetime)
+    error = Optional(LongStr, nullable=True)
+    jobs = Set("Job")
+
+
+class AnsibleRun(db.Entity):
+    id = PrimaryKey(int, auto=True)
+    ident = Required(str, unique=True)
+    playbook = Required(str)
+    status = Required(str, default="running")
+    rc = Optional(int)
+    artifact_dir = Required(str)
+    started_at = Required(datetime, default=utcnow)
+    finished_at = Optional(datetime)
+    jobs = Set("Job")
+    logs = Set("LogEntry")
+
+
+class Job(db.Entity):
+    id = PrimaryKey(int, auto=True)
+    # event | converge | welcome_email
+    kind = Required(str)
+    instance = Optional(Instance)
+    event = Optional(StripeEvent)
+    # queued | running | done | failed
+    state = Required(str, default="queued")
+    attempts = Required(int, default=0)
+    next_run_at = Required(datetime, default=utcnow)
+    # A running job whose lease ran out (its worker died) is claimable again.
+    locked_until = Optional(datetime)
+    last_error = Optional(LongStr, nullable=True)
+    ansible_run = Optional(AnsibleRun)
+    created_at = Required(datetime, default=utcnow)
+    finished_at = Optional(datetime)
+    logs = Set("LogEntry")
+
+
+class LogEntry(db.Entity):
+    id = PrimaryKey(int, auto=True)
+    at = Required(datetime, default=utcnow)
+    level = Required(str, default="info")
+    message = Required(LongStr)
+    instance = Optional(Instance)
+    job = Optional(Job)
+    ansible_run = Optional(AnsibleRun)
+    task = Optional(str, nullable=True)
+    outcome = Optional(str, nullable=True)
+    duration = Optional(float)
+
+
+LIVE_UNIQUE_INDEXES = (
+    'CREATE UNIQUE INDEX IF NOT EXISTS "instance_live_subdomain" '
+    'ON "Instance" ("subdomain") WHERE "live"',
+    'CREATE UNIQUE INDEX IF NOT EXISTS "instance_live_port" '
+    'ON "Instance" ("docker_host", "port") WHERE "live"',
+)
+
+
+def bind(config: Config) -> Database:
+    """Bind and map the database once per process; later calls are no-ops."""
+    if db.provider is not None:
+        return db
+    url = config.database_url
+    if not url or url.startswith("sqlite"):
+        path = urlparse(url).path if url else str(config.database_path)
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        db.bind(provider="sqlite", filename=path, create_db=True)
+    elif url.startswith(("postgres://", "postgresql://")):
+        parsed = urlparse(url)
+        db.bind(provider="postgres", user=parsed.username, password=parsed.password,
+                host=parsed.hostname, port=parsed.port or 5432, database=parsed.path.lstrip("/"))
+    else:
+        raise ConfigError(f"DATABASE_URL must be sqlite:///path or postgresql://..., got {url!r}")
+    db.generate_mapping(create_tables=True)
+    with db_session:
+        for statement in LIVE_UNIQUE_INDEXES:
+            db.execute(statement)
+    return db
+
+
+def reset() -> None:
+    """Empty every table (tests share one mapped database per process)."""
+    with db_session:
+        for entity in (LogEntry, Job, AnsibleRun, StripeEvent, Instance, Subscription, Customer):
+            entity.select().delete(bulk=True)

@@ -1,0 +1,67 @@
+"""What a store's subdomain may be: one lowercase DNS label, not reserved, not taken."""
+
+from __future__ import annotations
+
+import re
+
+from pony.orm import exists
+
+from provisioner.models import Instance
+
+# Names that belong to us or that customers would mistake for us.
+RESERVED = frozenset({
+    "www", "admin", "api", "mail", "smtp", "imap", "pop", "ftp", "provisioner", "status",
+    "billing", "stripe", "webhook", "webhooks", "dashboard", "app", "static", "media",
+    "assets", "cdn", "support", "help", "docs", "blog", "ns1", "ns2", "localhost",
+    "root", "test", "staging", "dev",
+})
+# A DNS label (RFC 1035/1123), lowercase ASCII, 3..63 long, no leading/trailing
+# hyphen, and no "xn--"-style punycode.
+_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{1,61})[a-z0-9]")
+
+
+class InvalidSubdomain(ValueError):
+    """The reason a name cannot be a store's subdomain."""
+
+
+class SubdomainTaken(InvalidSubdomain):
+    """A well-formed name that a live store already has."""
+
+
+def normalise(raw: object) -> str:
+    if not isinstance(raw, str):
+        raise InvalidSubdomain("subdomain must be a string")
+    return raw.strip().lower()
+
+
+def validate_format(name: str) -> str:
+    """Return `name` if it is a usable label; raise InvalidSubdomain saying why not."""
+    if not name:
+        raise InvalidSubdomain("subdomain is required")
+    if len(name) > 63:
+        raise InvalidSubdomain("subdomain must be at most 63 characters")
+    if len(name) < 3:
+        raise InvalidSubdomain("subdomain must be at least 3 characters")
+    if not name.isascii() or _LABEL.fullmatch(name) is None:
+        raise InvalidSubdomain(
+            "subdomain may contain only a-z, 0-9 and hyphens, and must start and end "
+            "with a letter or digit"
+        )
+    if name[2:4] == "--":
+        raise InvalidSubdomain("subdomain must not have hyphens in 3rd and 4th position")
+    if name in RESERVED:
+        raise InvalidSubdomain(f"'{name}' is reserved")
+    return name
+
+
+def is_taken(name: str) -> bool:
+    """Needs a db_session: a live store already has this name."""
+    return exists(i for i in Instance if i.subdomain == name and i.live)
+
+
+def check_available(raw: object) -> str:
+    """Needs a db_session. The normalised name, or InvalidSubdomain."""
+    name = validate_format(normalise(raw))
+    if is_taken(name):
+        raise SubdomainTaken(f"'{name}' is already taken")
+    return name

@@ -1,0 +1,1 @@
+"""Support for the tests and the demo: Stripe payloads and a local stack."""

@@ -1,0 +1,242 @@
+"""The worker: drains the job queue, batching store work into one ansible run.
+
+Ansible's start-up dominates a run, so every converge job that is due at once
+goes into a single playbook run (one inventory host per store, in parallel
+up to the configured forks).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterable
+
+from pony.orm import db_session, select
+
+from provisioner import events, jobs, lifecycle, notifications
+from provisioner.config import Config
+from provisioner.models import AnsibleRun, Instance, Job, LogEntry, utcnow
+from provisioner.playbook_runs import artifact_dir, new_ident, run_playbook
+from provisioner.redaction import redact
+
+log = logging.getLogger(__name__)
+
+TASK_OUTCOMES = {
+    "runner_on_ok": "ok",
+    "runner_on_failed": "failed",
+    "runner_on_unreachable": "unreachable",
+    "runner_on_skipped": "skipped",
+}
+
+
+def store_vars(instance: Instance) -> dict:
+    """What a playbook needs to know about a store (never its secrets)."""
+    return {
+        "name": instance.subdomain,
+        "instance_id": str(instance.id),
+        "site_name": instance.site_name,
+        "admin_email": instance.admin_email,
+        "port": instance.port,
+        "docker_host": instance.docker_host,
+    }
+
+
+def recover_abandoned() -> int:
+    """Requeue jobs a previous worker left running (run one worker per database)."""
+    with db_session:
+        abandoned = select(j for j in Job if j.state == "running")[:]
+        for job in abandoned:
+            job.state = "queued"
+            job.locked_until = None
+            job.next_run_at = utcnow()
+            LogEntry(job=job, instance=job.instance, level="warning",
+                     message=f"{job.kind} job {job.id} was left running; queued again")
+        return len(abandoned)
+
+
+class Worker:
+    def __init__(self, config: Config, wake: threading.Event | None = None):
+        self.config = config
+        self.wake = wake or threading.Event()
+
+    # -- loop ----------------------------------------------------------------
+
+    def run_forever(self, stop: threading.Event) -> None:
+        recover_abandoned()
+        while not stop.is_set():
+            try:
+                self.run_once()
+            except Exception:  # keep the worker alive; the job records say what failed
+                log.exception("worker iteration failed")
+            self.wake.wait(self.config.worker_poll_seconds)
+            self.wake.clear()
+
+    def run_once(self) -> int:
+        """Process every due job, including the ones this creates; return how many."""
+        handled = 0
+        while True:
+            with db_session:
+                claimed = jobs.claim_due()
+                kinds = {job_id: Job[job_id].kind for job_id in claimed}
+            if not claimed:
+                return handled
+            handled += len(claimed)
+            by_kind: dict[str, list[int]] = {}
+            for job_id in claimed:
+                by_kind.setdefault(kinds[job_id], []).append(job_id)
+            for job_id in by_kind.pop("event", []):
+                self._one(job_id, self._apply_event)
+            converge = by_kind.pop("converge", [])
+            if converge:
+                self._converge(converge)
+            for job_id in by_kind.pop("welcome_email", []):
+                self._one(job_id, self._welcome)
+            for kind, ids in by_kind.items():
+                for job_id in ids:
+                    self._fail(job_id, f"unknown job kind {kind!r}")
+
+    # -- job kinds -----------------------------------------------------------
+
+    def _one(self, job_id: int, work) -> None:
+        """Run a job that lives in one transaction; any error rolls it back and retries."""
+        try:
+            with db_session:
+                job = Job[job_id]
+                work(job)
+                jobs.complete(job)
+        except Exception as exc:  # every failure is recorded on the job and retried
+            self._fail(job_id, f"{type(exc).__name__}: {exc}")
+
+    def _apply_event(self, job: Job) -> None:
+        events.apply(self.config, job.event)
+
+    def _welcome(self, job: Job) -> None:
+        if job.instance.status == lifecycle.RUNNING:
+            notifications.send_welcome(self.config, job.instance)
+
+    def _fail(self, job_id: int, error: str) -> None:
+        with db_session:
+            job = Job[job_id]
+            secrets = self._secrets_of([job.instance] if job.instance else [])
+            error = redact(error, secrets)
+            retrying = jobs.fail(job, error, max_attempts=self.config.job_max_attempts,
+                                 base_seconds=self.config.job_retry_base_seconds)
+            if job.event is not None:
+                job.event.error = error
+                job.event.failed_at = None if retrying else utcnow()
+            if job.kind == "converge" and job.instance is not None:
+                job.instance.set_status("provisioning" if retrying else "failed", error)
+        log.warning("job %s failed (%s): %s", job_id, "retrying" if retrying else "gave up", error)
+
+    def _secrets_of(self, instances: Iterable[Instance]) -> list[str]:
+        values = [i.admin_password for i in instances if i and i.admin_password]
+        return values + self.config.secrets()
+
+    def _converge(self, job_ids: list[int]) -> None:
+        """Bring every store in the batch to its desired state in one playbook run."""
+        ident = new_ident("provision.yml")
+        with db_session:
+            batch = [Job[j] for j in job_ids]
+            work = []
+            for job in batch:
+                instance = job.instance
+                if not instance.live or instance.desired_state != lifecycle.RUNNING:
+                    jobs.complete(job)
+                    continue
+                work.append(job)
+            if not work:
+                return
+            run = AnsibleRun(ident=ident, playbook="provision.yml",
+                             artifact_dir=str(artifact_dir(self.config, ident)))
+            stores, secrets, hosts = [], {}, {}
+            for job in work:
+                instance = job.instance
+                instance.set_status("provisioning", "running provision.yml")
+                job.ansible_run = run
+                stores.append(store_vars(instance))
+                if instance.admin_password:
+                    secrets[instance.subdomain] = {"admin_password": instance.admin_password}
+                hosts[instance.subdomain] = (instance.id, job.id)
+            redact_values = self._secrets_of(job.instance for job in work)
+            run_id = run.id
+        sink = _EventSink(run_id, hosts, redact_values)
+        try:
+            result = run_playbook(self.config, "provision.yml", stores, secrets,
+                                  on_event=sink, ident=ident)
+        except Exception as exc:  # ansible-runner itself failed: every job retries
+            with db_session:
+                AnsibleRun[run_id].status = "error"
+                AnsibleRun[run_id].finished_at = utcnow()
+            for _, job_id in hosts.values():
+                self._fail(job_id, f"ansible-runner: {type(exc).__name__}: {exc}")
+            return
+        with db_session:
+            run = AnsibleRun[run_id]
+            run.status, run.rc, run.finished_at = result.status, result.rc, utcnow()
+            run.artifact_dir = str(result.artifact_dir)
+        for name, (instance_id, job_id) in hosts.items():
+            outcome = result.hosts[name]
+            if not outcome.ok:
+                self._fail(job_id, outcome.error or "failed")
+                continue
+            with db_session:
+                instance = Instance[instance_id]
+                instance.set_status(lifecycle.RUNNING)
+                instance.provisioned_at = instance.provisioned_at or utcnow()
+                LogEntry(instance=instance, job=Job[job_id], ansible_run=run_id,
+                         message=f"store running ({outcome.changed} changed) in run {ident}")
+                jobs.complete(Job[job_id])
+                lifecycle.reconcile(instance)
+
+
+class _EventSink:
+    """Streams ansible-runner task events into the provisioning log as they happen."""
+
+    def __init__(self, run_id: int, hosts: dict[str, tuple[int, int]], secrets: list[str]):
+        self.run_id = run_id
+        self.hosts = hosts
+        self.secrets = secrets
+
+    def __call__(self, event: dict) -> None:
+        outcome = TASK_OUTCOMES.get(event.get("event", ""))
+        if outcome is None:
+            return
+        data = event.get("event_data") or {}
+        host = data.get("host", "")
+        res = data.get("res") or {}
+        if outcome == "ok" and res.get("changed"):
+            outcome = "changed"
+        instance_id, job_id = self.hosts.get(host, (None, None))
+        message = f"{data.get('task', '')}: {outcome}"
+        if outcome in ("failed", "unreachable"):
+            detail = res.get("censored") or res.get("msg") or res.get("stderr") or ""
+            message += f": {detail}"
+        try:
+            with db_session:
+                LogEntry(level="error" if outcome in ("failed", "unreachable") else "info",
+                         message=redact(message, self.secrets)[:4000], instance=instance_id,
+                         job=job_id, ansible_run=self.run_id, task=data.get("task"),
+                         outcome=outcome, duration=data.get("duration"))
+        except Exception:  # a log write must never break the run it describes
+            log.exception("could not record ansible event")
+
+
+def serve_worker(config: Config, stop: threading.Event, wake: threading.Event) -> threading.Thread:
+    thread = threading.Thread(target=Worker(config, wake).run_forever, args=(stop,),
+                              name="provisioner-worker", daemon=True)
+    thread.start()
+    return thread
+
+
+def drain(config: Config, timeout: float = 300) -> int:
+    """Run the worker until no job is due (for the CLI and tests)."""
+    worker = Worker(config)
+    deadline = time.monotonic() + timeout
+    handled = 0
+    while time.monotonic() < deadline:
+        done = worker.run_once()
+        handled += done
+        if done == 0:
+            return handled
+    return handled

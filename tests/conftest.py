@@ -1,0 +1,63 @@
+"""Shared fixtures: one mapped database per test process, emptied before each test."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from pony.orm import db_session
+
+from provisioner import events, models
+from provisioner.config import load_config
+from provisioner.models import StripeEvent
+from provisioner.testing import stripe_events
+
+WEBHOOK_SECRET = "whsec_test_" + "x" * 24
+BASE_DOMAIN = "stores.test"
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("provisioner-data")
+
+
+@pytest.fixture(scope="session")
+def base_env(data_dir) -> dict[str, str]:
+    return {
+        "STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET,
+        "BASE_DOMAIN": BASE_DOMAIN,
+        "PROVISIONER_DATA_DIR": str(data_dir),
+        "PORT_RANGE_START": "19100",
+        "PORT_RANGE_END": "19199",
+        "JOB_RETRY_BASE_SECONDS": "0",
+        "PATH": os.environ.get("PATH", ""),
+    }
+
+
+@pytest.fixture(scope="session")
+def config(base_env, tmp_path_factory):
+    config = load_config(base_env, env_file=tmp_path_factory.mktemp("noenv") / ".env")
+    models.bind(config)
+    return config
+
+
+@pytest.fixture(autouse=True)
+def clean_db(config):
+    models.reset()
+    yield
+
+
+def apply_events(config, evts: list[dict]) -> None:
+    """Record and apply events the way the worker does, without running playbooks."""
+    for evt in evts:
+        with db_session:
+            stored = StripeEvent.get(stripe_id=evt["id"]) or StripeEvent(
+                stripe_id=evt["id"], type=evt["type"], payload=json.dumps(evt))
+            events.apply(config, stored)
+
+
+@pytest.fixture
+def signup_events():
+    return stripe_events.signup
