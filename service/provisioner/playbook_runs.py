@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,10 +43,10 @@ class RunResult:
 def settings_vars(config: Config) -> dict:
     """Role inputs that come from the service's configuration."""
     return {
-        "ebuilder_image": config.ebuilder_image,
-        "ebuilder_data_root": str(config.customer_data_root),
-        "ebuilder_network": config.container_network,
-        "ebuilder_base_domain": config.base_domain,
+        "ebuilder_instance_image": config.ebuilder_image,
+        "ebuilder_instance_data_root": str(config.customer_data_root),
+        "ebuilder_instance_network": config.container_network,
+        "ebuilder_instance_base_domain": config.base_domain,
         "nginx_site_base_domain": config.base_domain,
         "nginx_site_config_dir": str(config.nginx_config_dir),
         "nginx_site_bin": config.nginx_bin,
@@ -73,16 +74,24 @@ def artifact_dir(config: Config, ident: str) -> Path:
     return config.ansible_runs_dir / ident / "artifacts" / ident
 
 
+def _stdout_tail(runner, lines: int = 5) -> str:
+    try:
+        text = runner.stdout.read()
+    except (OSError, AttributeError):
+        return ""
+    return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:])
+
+
 def run_playbook(config: Config, playbook: str, stores: list[dict], secrets: dict | None = None,
                  on_event: EventSink | None = None, limit: str | None = None,
-                 ident: str | None = None) -> RunResult:
+                 ident: str | None = None, extra_vars: dict | None = None) -> RunResult:
     """Run playbooks/<playbook> for the given stores in one ansible run."""
     ident = ident or new_ident(playbook)
     private_dir = config.ansible_runs_dir / ident
     env_dir = private_dir / "env"
     env_dir.mkdir(parents=True, mode=0o700)
     extravars = {**settings_vars(config), "provisioner_stores": stores,
-                 "provisioner_secrets": secrets or {}}
+                 "provisioner_secrets": secrets or {}, **(extra_vars or {})}
     extravars_file = env_dir / "extravars"
     fd = os.open(extravars_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as handle:
@@ -93,7 +102,8 @@ def run_playbook(config: Config, playbook: str, stores: list[dict], secrets: dic
         if event.get("event") in ("runner_on_failed", "runner_on_unreachable"):
             data = event.get("event_data") or {}
             if not data.get("ignore_errors"):
-                failures.setdefault(data.get("host", "?"), _error_of(event))
+                # The last failure is the one that stopped the host (rescues come first).
+                failures[data.get("host", "?")] = _error_of(event)
         if on_event is not None:
             on_event(event)
         return True
@@ -110,6 +120,8 @@ def run_playbook(config: Config, playbook: str, stores: list[dict], secrets: dic
                 "ANSIBLE_CONFIG": str(config.project_dir / "ansible.cfg"),
                 "ANSIBLE_ROLES_PATH": str(config.project_dir / "roles"),
                 "ANSIBLE_NOCOLOR": "1",
+                # ansible-playbook lives beside the Python running us, venv or not.
+                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
             },
             event_handler=event_handler,
             quiet=True,
@@ -125,7 +137,8 @@ def run_playbook(config: Config, playbook: str, stores: list[dict], secrets: dic
         seen = any(name in (stats.get(key) or {}) for key in ("ok", "failures", "dark", "skipped"))
         error = failures.get(name)
         if not seen and not failed:
-            error = f"ansible did not reach {name} (run {runner.status}, rc {runner.rc})"
+            error = (f"ansible did not reach {name} (run {runner.status}, rc {runner.rc}): "
+                     f"{_stdout_tail(runner)}")
         hosts[name] = HostOutcome(ok=seen and not failed,
                                   changed=(stats.get("changed") or {}).get(name, 0), error=error)
     return RunResult(ident=ident, playbook=playbook, status=runner.status, rc=runner.rc,

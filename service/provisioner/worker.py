@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Iterable
 
-from pony.orm import db_session, select
+from pony.orm import db_session, flush, select
 
 from provisioner import events, jobs, lifecycle, notifications
 from provisioner.config import Config
@@ -89,7 +89,12 @@ class Worker:
                 self._one(job_id, self._apply_event)
             converge = by_kind.pop("converge", [])
             if converge:
-                self._converge(converge)
+                try:
+                    self._converge(converge)
+                except Exception as exc:  # never leave a claimed job hanging
+                    log.exception("converge batch failed")
+                    for job_id in converge:
+                        self._fail(job_id, f"{type(exc).__name__}: {exc}")
             for job_id in by_kind.pop("welcome_email", []):
                 self._one(job_id, self._welcome)
             for kind, ids in by_kind.items():
@@ -158,6 +163,7 @@ class Worker:
                 if instance.admin_password:
                     secrets[instance.subdomain] = {"admin_password": instance.admin_password}
                 hosts[instance.subdomain] = (instance.id, job.id)
+            flush()
             redact_values = self._secrets_of(job.instance for job in work)
             run_id = run.id
         sink = _EventSink(run_id, hosts, redact_values)

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Make this machine ready to run the provisioner, its demo and its tests:
+# Debian packages (docker.io, nginx, busybox-static, openssl) when missing,
+# a Docker engine when none answers, a venv in .venv with the package
+# installed, and the stand-in eBuilder image. Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+log() { echo "setup: $*"; }
+
+need=()
+command -v dockerd >/dev/null 2>&1 || need+=(docker.io)
+command -v nginx >/dev/null 2>&1 || need+=(nginx)
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
+if ! command -v busybox >/dev/null 2>&1 || ! ldd "$(command -v busybox)" 2>&1 | grep -q "not a dynamic"; then
+    need+=(busybox-static)
+fi
+if [ ${#need[@]} -gt 0 ]; then
+    log "installing ${need[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q >/dev/null
+    apt-get install -y -q "${need[@]}" >/dev/null
+fi
+
+if ! docker info >/dev/null 2>&1; then
+    log "starting dockerd"
+    mkdir -p /var/log
+    nohup dockerd >/var/log/dockerd.log 2>&1 &
+    for _ in $(seq 1 60); do
+        docker info >/dev/null 2>&1 && break
+        sleep 0.5
+    done
+    docker info >/dev/null 2>&1 || { echo "setup: dockerd did not start, see /var/log/dockerd.log" >&2; exit 1; }
+fi
+
+python=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    log "creating .venv"
+    "$python" -m venv .venv
+fi
+log "installing Python dependencies"
+.venv/bin/pip install -q --disable-pip-version-check -e '.[test]' 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -c "import provisioner, ansible_runner, aiosmtpd" \
+    || { echo "setup: Python dependencies did not install" >&2; exit 1; }
+
+image/build.sh "${EBUILDER_IMAGE:-ebuilder-standin:latest}"
+log "ready"

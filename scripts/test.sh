@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The test command: set the machine up, lint, then run every test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+.venv/bin/ruff check service tests
+.venv/bin/ansible-lint --profile production playbooks roles
+.venv/bin/python -m pytest -p no:cacheprovider "$@"

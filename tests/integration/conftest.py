@@ -1,0 +1,187 @@
+"""Real parts: the Docker engine, nginx on loopback ports, an SMTP server, the service over HTTP."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import shutil
+import socket
+import ssl
+import subprocess
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from aiosmtpd.controller import Controller
+from cheroot import wsgi
+from pony.orm import db_session
+
+from provisioner.app import create_app
+from provisioner.config import load_config
+from provisioner.testing import stripe_events
+from provisioner.testing.stack import LocalNginx, free_port, wait_for_port
+from provisioner.worker import serve_worker
+from tests.conftest import WEBHOOK_SECRET
+
+pytestmark = pytest.mark.integration
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+
+
+def poll(condition, timeout: float = 120, interval: float = 0.1, what: str = "condition"):
+    """Poll `condition` until it returns something truthy or the deadline passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def docker(*args: str) -> str:
+    return subprocess.run(["docker", *args], check=True, capture_output=True,
+                          text=True).stdout.strip()
+
+
+def inspect(name: str) -> dict:
+    return json.loads(docker("inspect", name))[0]
+
+
+class _SNIConnection(http.client.HTTPSConnection):
+    """HTTPS to 127.0.0.1 while presenting (and verifying) another host name."""
+
+    def __init__(self, port: int, server_name: str, cafile: Path):
+        context = ssl.create_default_context(cafile=str(cafile))
+        super().__init__("127.0.0.1", port, context=context, timeout=10)
+        self.server_name = server_name
+
+    def connect(self):
+        sock = socket.create_connection((self.host, self.port), self.timeout)
+        self.sock = self._context.wrap_socket(sock, server_hostname=self.server_name)
+
+
+def https_request(nginx: LocalNginx, host: str, path: str, method: str = "GET",
+                  body: bytes | None = None) -> tuple[int, bytes]:
+    conn = _SNIConnection(nginx.https_port, host, nginx.cert)
+    headers = {"Host": host}
+    if body is not None:
+        headers["Content-Type"] = "application/x-www-form-urlencoded"
+    try:
+        conn.request(method, path, body=body, headers=headers)
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+class SMTPSink:
+    def __init__(self):
+        self.messages: list[bytes] = []
+
+    async def handle_DATA(self, server, session, envelope):  # noqa: N802 (aiosmtpd's name)
+        self.messages.append(envelope.content)
+        return "250 OK"
+
+
+@dataclass
+class Service:
+    url: str
+    config: object
+    nginx: LocalNginx
+    smtp: SMTPSink
+    webhook_times: list[float] = field(default_factory=list)
+
+    def post_event(self, evt: dict) -> dict:
+        payload = stripe_events.encode(evt)
+        request = urllib.request.Request(
+            self.url + "/api/webhook/stripe/", data=payload, method="POST",
+            headers={"Stripe-Signature": stripe_events.sign(payload, WEBHOOK_SECRET),
+                     "Content-Type": "application/json"})
+        started = time.perf_counter()
+        with urllib.request.urlopen(request, timeout=10) as response:
+            self.webhook_times.append(time.perf_counter() - started)
+            assert response.status == 200
+            return json.loads(response.read())
+
+
+@pytest.fixture(scope="session")
+def engine():
+    if shutil.which("docker") is None or subprocess.run(
+            ["docker", "info"], capture_output=True).returncode != 0:
+        pytest.fail("no Docker engine answers: run scripts/setup.sh first")
+    docker("image", "inspect", "ebuilder-standin:latest")
+
+
+@pytest.fixture(scope="session")
+def nginx(tmp_path_factory, engine):
+    server = LocalNginx(tmp_path_factory.mktemp("nginx"), base_domain="stores.test").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def smtp():
+    sink = SMTPSink()
+    controller = Controller(sink, hostname="127.0.0.1", port=free_port())
+    controller.start()
+    yield sink, controller.port
+    controller.stop()
+
+
+@pytest.fixture(scope="session")
+def live_config(base_env, config, nginx, smtp, tmp_path_factory):
+    env = {**base_env, **nginx.settings(),
+           "CUSTOMER_DATA_ROOT": str(tmp_path_factory.mktemp("customers")),
+           "CONTAINER_NETWORK": "ebuilder_test",
+           "EMAIL_HOST": "127.0.0.1", "EMAIL_PORT": str(smtp[1])}
+    return load_config(env, env_file=tmp_path_factory.mktemp("noenv2") / ".env")
+
+
+@pytest.fixture(scope="session")
+def service(live_config, nginx, smtp):
+    stop, wake = threading.Event(), threading.Event()
+    worker = serve_worker(live_config, stop, wake)
+    port = free_port()
+    server = wsgi.Server(("127.0.0.1", port), create_app(live_config, wake=wake), numthreads=4)
+    thread = threading.Thread(target=server.start, daemon=True)
+    thread.start()
+    wait_for_port(port)
+    yield Service(f"http://127.0.0.1:{port}", live_config, nginx, smtp[0])
+    server.stop()
+    stop.set()
+    worker.join(timeout=60)
+
+
+@pytest.fixture(autouse=True)
+def clean_stack(request):
+    """Each test starts with no stores: the DB is emptied, so are Docker, nginx and the data."""
+    yield
+    if "live_config" not in request.fixturenames:
+        return
+    live_config = request.getfixturevalue("live_config")
+    nginx = request.getfixturevalue("nginx")
+    names = subprocess.run(["docker", "ps", "-aq", "--filter", "label=ebuilder.managed=true"],
+                           capture_output=True, text=True).stdout.split()
+    if names:
+        subprocess.run(["docker", "rm", "-f", *names], capture_output=True)
+    for vhost in nginx.sites.glob("*"):
+        vhost.unlink()
+    for data in live_config.customer_data_root.glob("*"):
+        shutil.rmtree(data)
+
+
+def wait_until_live(subdomain: str, timeout: float = 180):
+    from provisioner.models import Instance
+
+    def live():
+        with db_session:
+            instance = Instance.get(subdomain=subdomain, live=True)
+            if instance is not None and instance.status == "failed":
+                raise AssertionError(f"{subdomain} failed: {instance.status_message}")
+            return instance is not None and instance.status == "running" and \
+                instance.welcome_sent_at is not None
+    poll(live, timeout=timeout, what=f"{subdomain} running with its welcome email sent")

@@ -1,0 +1,152 @@
+"""Signed checkout in, live store out: on real Docker, nginx and SMTP."""
+
+from __future__ import annotations
+
+import email
+import re
+import statistics
+import time
+from email import policy
+
+from pony.orm import db_session, select
+
+from provisioner.models import AnsibleRun, Instance, Job, StripeEvent
+from provisioner.playbook_runs import run_playbook
+from provisioner.testing import stripe_events
+from provisioner.worker import store_vars
+from tests.integration.conftest import https_request, inspect, poll, wait_until_live
+
+
+def test_paid_checkout_becomes_a_healthy_store_with_one_welcome_email(service):
+    sent_before = len(service.smtp.messages)
+    evts = stripe_events.signup(subdomain="janes-shop", site_name="Jane's Shop",
+                                email="jane@example.com")
+    started = time.perf_counter()
+    for evt in evts:
+        assert service.post_event(evt) == {"received": True, "duplicate": False}
+    wait_until_live("janes-shop")
+    elapsed = time.perf_counter() - started
+    print(f"\nwebhook -> healthy store with email: {elapsed:.2f} s; webhook answered in "
+          f"{statistics.median(service.webhook_times) * 1000:.1f} ms (median)")
+
+    # The container: right env, loopback-only port, restart policy, our labels.
+    container = inspect("ebuilder_janes-shop")
+    env = dict(item.split("=", 1) for item in container["Config"]["Env"])
+    assert env["SITE_NAME"] == "Jane's Shop"
+    assert env["ADMIN_EMAIL"] == "jane@example.com"
+    assert env["ALLOWED_HOSTS"].split(",")[0] == "janes-shop.stores.test"
+    assert "*" not in env["ALLOWED_HOSTS"]
+    assert len(env["SECRET_KEY"]) >= 40
+    with db_session:
+        instance = Instance.get(subdomain="janes-shop")
+        port = instance.port
+        assert instance.admin_password is None, "temporary password kept after the email"
+    bindings = container["HostConfig"]["PortBindings"]["8000/tcp"]
+    assert bindings == [{"HostIp": "127.0.0.1", "HostPort": str(port)}]
+    assert container["HostConfig"]["RestartPolicy"]["Name"] == "unless-stopped"
+    assert container["State"]["Running"]
+    mounts = {m["Destination"] for m in container["Mounts"]}
+    assert {"/app/db", "/app/media", "/app/logs"} <= mounts
+
+    # Through nginx, with its Host header, over TLS with the wildcard cert.
+    status, body = https_request(service.nginx, "janes-shop.stores.test", "/health/")
+    assert (status, body.strip()) == (200, b"ok")
+
+    # Exactly one email, whose login details work on the store.
+    assert len(service.smtp.messages) == sent_before + 1
+    message = email.message_from_bytes(service.smtp.messages[-1], policy=policy.default)
+    assert message["To"] == "jane@example.com"
+    text = message.get_body(("plain",)).get_content()
+    assert "https://janes-shop.stores.test:" in text
+    password = re.search(r"Temporary password: (\S+)", text).group(1)
+    form = f"email=jane%40example.com&password={password}".encode()
+    status, body = https_request(service.nginx, "janes-shop.stores.test", "/cgi-bin/login",
+                                 method="POST", body=form)
+    assert (status, body.strip()) == (200, b"welcome")
+    status, _ = https_request(service.nginx, "janes-shop.stores.test", "/cgi-bin/login",
+                              method="POST", body=b"email=jane%40example.com&password=wrong")
+    assert status == 403
+
+    # Replaying every event changes nothing.
+    with db_session:
+        jobs_before = Job.select().count()
+    for evt in evts:
+        assert service.post_event(evt)["duplicate"] is True
+    with db_session:
+        assert Job.select().count() == jobs_before
+        assert StripeEvent.select().count() == 2
+    again = inspect("ebuilder_janes-shop")
+    assert again["Id"] == container["Id"]
+    assert again["State"]["StartedAt"] == container["State"]["StartedAt"]
+    assert len(service.smtp.messages) == sent_before + 1
+
+    # Secrets never reach the artifacts or the provisioning log.
+    secret_key = env["SECRET_KEY"]
+    with db_session:
+        runs = select(r for r in AnsibleRun)[:]
+        assert runs and all(r.status == "successful" for r in runs)
+        artifact_dirs = [r.artifact_dir for r in runs]
+        log_text = "\n".join(entry.message for entry in instance.logs) if False else "\n".join(
+            e.message for e in Instance.get(subdomain="janes-shop").logs)
+    assert "Ensure the store's container is started" in log_text
+    for directory in artifact_dirs:
+        for path in __import__("pathlib").Path(directory).rglob("*"):
+            if path.is_file():
+                content = path.read_text(errors="replace")
+                assert password not in content, path
+                assert secret_key not in content, path
+        assert not (__import__("pathlib").Path(directory).parents[1] / "env" / "extravars").exists()
+    assert password not in log_text and secret_key not in log_text
+
+
+def test_second_playbook_run_changes_nothing(service):
+    for evt in stripe_events.signup(subdomain="steady-shop", site_name="Steady",
+                                    email="s@example.com"):
+        service.post_event(evt)
+    wait_until_live("steady-shop")
+    started_at = inspect("ebuilder_steady-shop")["State"]["StartedAt"]
+    with db_session:
+        stores = [store_vars(Instance.get(subdomain="steady-shop"))]
+    result = run_playbook(service.config, "provision.yml", stores)
+    assert result.status == "successful"
+    assert result.hosts["steady-shop"].ok
+    assert result.hosts["steady-shop"].changed == 0
+    assert inspect("ebuilder_steady-shop")["State"]["StartedAt"] == started_at
+
+
+def test_rejected_vhost_leaves_other_stores_serving(service):
+    for evt in stripe_events.signup(subdomain="good-shop", site_name="Good",
+                                    email="g@example.com"):
+        service.post_event(evt)
+    wait_until_live("good-shop")
+    store = {"name": "bad-shop", "instance_id": "bad-1", "site_name": "Bad",
+             "admin_email": "b@example.com", "port": 19199, "docker_host": "localhost"}
+    result = run_playbook(service.config, "provision.yml", [store],
+                          {"bad-shop": {"admin_password": "first-boot-pw"}},
+                          extra_vars={"nginx_site_client_max_body_size": "not-a-size"})
+    assert not result.hosts["bad-shop"].ok
+    assert "nginx -t rejected the vhost" in result.hosts["bad-shop"].error
+    assert not (service.nginx.sites / "bad-shop.stores.test.conf").exists()
+    assert (service.nginx.sites / "good-shop.stores.test.conf").exists()
+    assert service.nginx.running()
+    status, _ = https_request(service.nginx, "good-shop.stores.test", "/health/")
+    assert status == 200
+
+
+def test_webhook_rejects_bad_signature_over_http(service):
+    import urllib.error
+    import urllib.request
+
+    evt = stripe_events.signup(subdomain="nope-shop", site_name="N", email="n@example.com")[0]
+    request = urllib.request.Request(
+        service.url + "/api/webhook/stripe/", data=stripe_events.encode(evt), method="POST",
+        headers={"Stripe-Signature": "t=1,v1=deadbeef"})
+    try:
+        urllib.request.urlopen(request, timeout=10)
+        raise AssertionError("accepted a bad signature")
+    except urllib.error.HTTPError as exc:
+        assert exc.code == 400
+        assert "signature" in exc.read().decode()
+    with db_session:
+        assert StripeEvent.select().count() == 0
+    poll(lambda: True, timeout=1)
