@@ -11,7 +11,8 @@ need=()
 command -v dockerd >/dev/null 2>&1 || need+=(docker.io)
 command -v nginx >/dev/null 2>&1 || need+=(nginx)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
-if ! command -v busybox >/dev/null 2>&1 || ! ldd "$(command -v busybox)" 2>&1 | grep -q "not a dynamic"; then
+static_busybox() { { ldd "$(command -v busybox)" 2>&1 || true; } | grep -q "not a dynamic"; }
+if ! command -v busybox >/dev/null 2>&1 || ! static_busybox; then
     need+=(busybox-static)
 fi
 if [ ${#need[@]} -gt 0 ]; then
