@@ -13,5 +13,6 @@ ctx=$(mktemp -d)
 trap 'rm -rf "$ctx"' EXIT
 cp "$here/Dockerfile" "$here/entrypoint.sh" "$here/login.cgi" "$ctx/"
 cp "$busybox" "$ctx/busybox"
-docker build -q -t "$tag" "$ctx" >/dev/null
+# The legacy builder warns about buildx on every build; show output only on failure.
+if ! out=$(docker build -q -t "$tag" "$ctx" 2>&1); then echo "$out" >&2; exit 1; fi
 echo "built $tag"
