@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,7 @@ def config(base_env, tmp_path_factory):
 @pytest.fixture(autouse=True)
 def clean_db(config):
     models.reset()
+    shutil.rmtree(config.outbox_dir, ignore_errors=True)
     yield
 
 

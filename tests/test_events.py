@@ -81,22 +81,28 @@ def test_unknown_event_type_is_recorded_and_ignored(config):
 
 
 @pytest.mark.parametrize("bad", ["", "a;b", "a\nb", "..", "ADMIN", "www", "x" * 64])
-def test_checkout_with_bad_subdomain_is_an_error_not_a_store(config, bad):
-    checkout, _ = stripe_events.signup(subdomain=bad, site_name="J", email="j@example.com")
-    with pytest.raises(events.EventError):
-        apply_events(config, [checkout])
+def test_checkout_with_bad_subdomain_needs_attention_not_a_store(config, bad):
+    checkout, paid = stripe_events.signup(subdomain=bad, site_name="J", email="j@example.com")
+    apply_events(config, [checkout, paid])
     with db_session:
-        assert Instance.select().count() == 0
+        parked = Instance.get(checkout_session_id=checkout["data"]["object"]["id"])
+        assert (parked.status, parked.live, parked.port) == ("needs_attention", False, 0)
+        assert "no usable subdomain" in parked.status_message
+        assert select(j for j in Job if j.kind == "converge").count() == 0
+        assert select(j for j in Job if j.kind == "notify"
+                      and j.detail.startswith("admin_attention")).count() == 1
 
 
-def test_second_checkout_for_a_taken_subdomain_is_an_error(config):
+def test_second_checkout_for_a_taken_subdomain_needs_attention(config):
     first = stripe_events.signup(subdomain="janes-shop", site_name="J", email="j@example.com")
     second = stripe_events.signup(subdomain="janes-shop", site_name="K", email="k@example.com")
-    apply_events(config, first)
-    with pytest.raises(events.EventError, match="already taken"):
-        apply_events(config, second[:1])
+    apply_events(config, first + second)
     with db_session:
-        assert Instance.select().count() == 1
+        live = select(i for i in Instance if i.live)[:]
+        assert [i.admin_email for i in live] == ["j@example.com"]
+        parked = Instance.get(admin_email="k@example.com")
+        assert parked.status == "needs_attention" and "was taken" in parked.status_message
+        assert select(j for j in Job if j.kind == "converge").count() == 1
 
 
 def test_stores_get_distinct_ports(config):

@@ -7,7 +7,7 @@ from email import policy
 from aiosmtpd.controller import Controller
 from pony.orm import db_session
 
-from provisioner import jobs, notifications
+from provisioner import lifecycle, notifications
 from provisioner.models import Instance, Job, utcnow
 from provisioner.testing.stack import free_port
 from provisioner.worker import Worker
@@ -27,7 +27,7 @@ def running_store():
         instance = Instance(subdomain="janes-shop", site_name="Jane's <Shop>",
                             admin_email="jane@example.com", admin_password="tmp-Pass_123",
                             port=19100, status="running", desired_state="running")
-        jobs.enqueue("welcome_email", instance=instance)
+        lifecycle.notify(instance, "welcome")
         return instance.id
 
 
@@ -57,7 +57,7 @@ def test_smtp_down_is_retried_and_sends_exactly_once(config):
     instance_id = running_store()
     Worker(smtp_config).run_once()
     with db_session:
-        job = Job.select(lambda j: j.kind == "welcome_email").first()
+        job = Job.select(lambda j: j.kind == "notify").first()
         assert job.state == "queued" and job.attempts == 1
         assert "Connection refused" in job.last_error or "Errno" in job.last_error
         assert Instance[instance_id].admin_password == "tmp-Pass_123"
@@ -66,12 +66,12 @@ def test_smtp_down_is_retried_and_sends_exactly_once(config):
     controller.start()
     try:
         with db_session:
-            job = Job.select(lambda j: j.kind == "welcome_email").first()
+            job = Job.select(lambda j: j.kind == "notify").first()
             job.next_run_at = utcnow()  # the backoff has passed
         Worker(smtp_config).run_once()
         with db_session:
             assert Job[job.id].state == "done"
-            jobs.enqueue("welcome_email", instance=Instance[instance_id])
+            lifecycle.notify(Instance[instance_id], "welcome")
         Worker(smtp_config).run_once()
     finally:
         controller.stop()

@@ -19,6 +19,7 @@ from provisioner.checkout import (
     validate_site_name,
 )
 from provisioner.config import Config
+from provisioner.events import hold_subdomain
 
 log = logging.getLogger(__name__)
 
@@ -85,16 +86,20 @@ def create_app(config: Config, wake: threading.Event | None = None,
     def create_checkout():
         body = _json_body()
         try:
-            with db_session:
-                name = subdomains.check_available(body.get("subdomain"))
             site_name = validate_site_name(body.get("site_name"))
             email = validate_email(body.get("email"))
+            with db_session:
+                name = subdomains.check_available(body.get("subdomain"), email=email)
+        except subdomains.SubdomainTaken as exc:
+            return json_response(409, {"error": str(exc)})
         except ValueError as exc:
             return json_response(400, {"error": str(exc)})
         try:
             session = create_checkout_session(config, name, site_name, email)
         except CheckoutUnavailable as exc:
             return json_response(503, {"error": str(exc)})
+        with db_session:
+            hold_subdomain(name, session["id"], email, session.get("expires_at"))
         return json_response(200, {"session_id": session["id"], "checkout_url": session["url"]})
 
     @app.get("/api/health/")

@@ -1,4 +1,4 @@
-"""`provisioner` command line: serve, worker."""
+"""`provisioner` command line: serve, worker, cleanup."""
 
 from __future__ import annotations
 
@@ -62,6 +62,36 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cleanup(args: argparse.Namespace) -> int:
+    """Archive then destroy stores past their deletion date."""
+    from pony.orm import db_session, select
+
+    from provisioner import lifecycle
+    from provisioner.models import Instance, Job
+    from provisioner.worker import drain
+
+    config = _configure()
+    with db_session:
+        names = lifecycle.schedule_deletions()
+    print(f"cleanup: {len(names)} store(s) past their deletion date"
+          + (f": {', '.join(names)}" if names else ""))
+    drain(config, timeout=args.timeout)
+    failed = 0
+    with db_session:
+        for name in names:
+            instance = select(i for i in Instance if i.subdomain == name).order_by(
+                lambda i: i.id).first()
+            if instance.status == lifecycle.DESTROYED:
+                print(f"  {name}: archived to {instance.archive_path}, destroyed")
+            else:
+                failed += 1
+                job = select(j for j in Job if j.instance == instance and j.kind == "destroy"
+                             ).order_by(lambda j: j.id).first()
+                print(f"  {name}: NOT destroyed: {job.last_error if job else instance.status}")
+    print(f"cleanup: {len(names) - failed} destroyed, {failed} failed")
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="provisioner", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -72,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.set_defaults(func=cmd_serve)
     worker = sub.add_parser("worker", help="run the job worker only")
     worker.set_defaults(func=cmd_worker)
+    cleanup = sub.add_parser("cleanup", help="archive then destroy stores past deletion date")
+    cleanup.add_argument("--timeout", type=float, default=1800)
+    cleanup.set_defaults(func=cmd_cleanup)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

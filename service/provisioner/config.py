@@ -101,6 +101,10 @@ class Config:
     admin_user: str = "admin"
     admin_password: str = field(default="", repr=False)
     project_dir: Path = PROJECT_DIR
+    suspend_after_days: int = 7
+    delete_after_days: int = 30
+    backup_root: Path = Path("/srv/ebuilder/backups")
+    admin_notify_email: str = ""
     job_max_attempts: int = 5
     job_retry_base_seconds: int = 5
     worker_poll_seconds: float = 1.0
@@ -192,6 +196,10 @@ def load_config(environ: dict[str, str] | None = None, env_file: Path | None = N
         database_url=env.get("DATABASE_URL", ""),
         admin_user=env.get("PROVISIONER_ADMIN_USER") or "admin",
         admin_password=admin_password,
+        suspend_after_days=_int(env, "SUSPEND_AFTER_DAYS", 7, 0, 365),
+        delete_after_days=_int(env, "DELETE_AFTER_DAYS", 30, 0, 3650),
+        backup_root=Path(env.get("BACKUP_ROOT") or "/srv/ebuilder/backups"),
+        admin_notify_email=env.get("ADMIN_NOTIFY_EMAIL", ""),
         job_max_attempts=_int(env, "JOB_MAX_ATTEMPTS", 5, 1, 100),
         job_retry_base_seconds=_int(env, "JOB_RETRY_BASE_SECONDS", 5, 0, 3600),
     )

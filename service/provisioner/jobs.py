@@ -18,15 +18,21 @@ BACKOFF_CAP = timedelta(hours=1)
 
 
 def enqueue(kind: str, *, instance: Instance | None = None, event: StripeEvent | None = None,
-            delay: timedelta = timedelta(0)) -> Job:
-    """Queue a job unless an identical one is already waiting (needs a db_session)."""
+            detail: str | None = None, delay: timedelta = timedelta(0)) -> Job:
+    """Queue a job unless an identical one is already waiting (needs a db_session).
+
+    An identical waiting job is moved earlier if this one is due sooner.
+    """
+    run_at = utcnow() + delay
     waiting = select(
         j for j in Job
-        if j.kind == kind and j.instance == instance and j.event == event and j.state == "queued"
+        if j.kind == kind and j.instance == instance and j.event == event
+        and j.detail == detail and j.state == "queued"
     ).first()
     if waiting is not None:
+        waiting.next_run_at = min(waiting.next_run_at, run_at)
         return waiting
-    return Job(kind=kind, instance=instance, event=event, next_run_at=utcnow() + delay)
+    return Job(kind=kind, instance=instance, event=event, detail=detail, next_run_at=run_at)
 
 
 def claim_due(limit: int = 100) -> list[int]:

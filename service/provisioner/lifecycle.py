@@ -1,38 +1,138 @@
 """From what we know about billing, the state a store should be in.
 
-This is the single place that decides; event handlers only record facts and
-then call `reconcile`, so any order of the same events ends the same way.
+`desired_state` is the single place that decides; event handlers only record
+facts and then call `reconcile`, so any order of the same events ends the
+same way. The worker converges the actual state (`Instance.status`) to it.
+
+    pending ──paid──▶ running ◀──paid again──▶ suspended   (past_due after grace,
+                         │                        │          unpaid, paused)
+                         └──subscription ended────┴──▶ cancelled ──DELETE_AFTER_DAYS──▶ destroyed
 """
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
+
 from provisioner import jobs
-from provisioner.models import Instance, LogEntry
+from provisioner.config import Config
+from provisioner.models import Instance, LogEntry, Notification, utcnow
 
 PENDING = "pending"
 RUNNING = "running"
+SUSPENDED = "suspended"
+CANCELLED = "cancelled"
+DESTROYED = "destroyed"
+ATTENTION = "needs_attention"
+
+# Desired states the worker converges to with a playbook.
+CONVERGED = frozenset({RUNNING, SUSPENDED, CANCELLED})
+STOPPED = frozenset({SUSPENDED, CANCELLED})
+ENDED_STATUSES = frozenset({"canceled", "incomplete_expired"})
 
 
-def desired_state(instance: Instance) -> str:
-    """The state billing entitles this store to.
-
-    A store runs once its checkout metadata (the instance itself) and a
-    confirmed payment on its subscription are both known, whichever came first.
-    """
+def desired_state(instance: Instance, config: Config, now: datetime | None = None) -> str:
+    """The state billing entitles this store to, from the facts alone."""
+    if instance.status in (ATTENTION, DESTROYED):
+        return instance.status
     subscription = instance.subscription
-    if subscription is None or not subscription.payment_confirmed:
+    if subscription is None:
         return PENDING
-    return RUNNING
+    status = subscription.status
+    if status in ENDED_STATUSES:
+        return CANCELLED
+    if status in ("unpaid", "paused"):
+        return SUSPENDED
+    if status == "past_due":
+        since = subscription.past_due_since or subscription.status_at or utcnow()
+        grace_over = (now or utcnow()) >= since + timedelta(days=config.suspend_after_days)
+        return SUSPENDED if grace_over else RUNNING
+    if status in ("active", "trialing"):
+        return RUNNING
+    # No status yet (or "incomplete"): only a confirmed payment starts a store.
+    return RUNNING if subscription.payment_confirmed and status != "incomplete" else PENDING
 
 
-def reconcile(instance: Instance) -> None:
+def grace_ends(instance: Instance, config: Config) -> datetime | None:
+    subscription = instance.subscription
+    if subscription is None or subscription.status != "past_due":
+        return None
+    since = subscription.past_due_since or subscription.status_at or utcnow()
+    return since + timedelta(days=config.suspend_after_days)
+
+
+def reconcile(instance: Instance, config: Config) -> None:
     """Record the desired state and queue the work that converges to it (needs a db_session)."""
-    desired = desired_state(instance)
+    desired = desired_state(instance, config)
     if desired != instance.desired_state:
-        LogEntry(instance=instance,
-                 message=f"desired state {instance.desired_state} -> {desired}")
+        LogEntry(instance=instance, message=f"desired state {instance.desired_state} -> {desired}")
         instance.desired_state = desired
-    if desired == RUNNING and instance.status != RUNNING:
+        instance.updated_at = utcnow()
+    if desired == CANCELLED and instance.delete_after is None:
+        ended = (instance.subscription.canceled_at if instance.subscription else None) or utcnow()
+        instance.delete_after = ended + timedelta(days=config.delete_after_days)
+    elif desired != CANCELLED:
+        instance.delete_after = None
+    if desired in CONVERGED and instance.status != desired:
         jobs.enqueue("converge", instance=instance)
     elif desired == RUNNING and instance.welcome_sent_at is None:
-        jobs.enqueue("welcome_email", instance=instance)
+        notify(instance, "welcome")
+    ends = grace_ends(instance, config)
+    if ends is not None and desired == RUNNING:
+        notify(instance, "payment_warning", key=_key(instance.subscription.past_due_since))
+        # Look again when the grace period is over.
+        jobs.enqueue("reconcile", instance=instance, delay=max(ends - utcnow(), timedelta(0)))
+
+
+def _key(moment: datetime | None) -> str:
+    return moment.isoformat(timespec="seconds") if moment else "-"
+
+
+def notify(instance: Instance, notice: str, key: str = "-") -> None:
+    """Queue a customer email unless this one (notice, key) already went out."""
+    if Notification.get(instance=instance, notice=notice, key=key) is None:
+        jobs.enqueue("notify", instance=instance, detail=f"{notice}|{key}")
+
+
+def converged(instance: Instance, state: str) -> None:
+    """The worker brought the store to `state`: record it and queue what follows."""
+    previous = instance.status
+    now = utcnow()
+    if state in STOPPED and previous not in STOPPED:
+        instance.stopped_since = now
+    instance.set_status(state)
+    if state == RUNNING:
+        instance.provisioned_at = instance.provisioned_at or now
+        if instance.welcome_sent_at is None:
+            notify(instance, "welcome")
+        elif previous in STOPPED:
+            notify(instance, "restored", key=_key(instance.stopped_since))
+            instance.stopped_since = None
+    elif state == SUSPENDED:
+        notify(instance, "suspended", key=_key(instance.stopped_since))
+    elif state == CANCELLED:
+        notify(instance, "closed", key=_key(instance.stopped_since))
+
+
+def needs_attention(instance: Instance, reason: str) -> None:
+    """Park a store for an admin: it holds no name or port and nothing runs."""
+    instance.live = False
+    instance.set_status(ATTENTION, reason)
+    instance.desired_state = ATTENTION
+    LogEntry(instance=instance, level="error", message=f"needs attention: {reason}")
+    notify(instance, "admin_attention")
+
+
+def due_for_deletion(now: datetime | None = None) -> list[Instance]:
+    """Cancelled stores whose grace before deletion is over (needs a db_session)."""
+    moment = now or utcnow()
+    return list(Instance.select(
+        lambda i: i.live and i.desired_state == CANCELLED and i.delete_after is not None
+        and i.delete_after <= moment))
+
+
+def schedule_deletions(now: datetime | None = None) -> list[str]:
+    """Queue archive-then-destroy for every store past its deletion date (needs a db_session)."""
+    due = due_for_deletion(now)
+    for instance in due:
+        jobs.enqueue("destroy", instance=instance)
+    return [instance.subdomain for instance in due]

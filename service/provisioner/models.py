@@ -10,7 +10,16 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from urllib.parse import urlparse
 
-from pony.orm import Database, LongStr, Optional, PrimaryKey, Required, Set, db_session
+from pony.orm import (
+    Database,
+    LongStr,
+    Optional,
+    PrimaryKey,
+    Required,
+    Set,
+    composite_key,
+    db_session,
+)
 
 from provisioner.config import Config, ConfigError
 
@@ -39,6 +48,10 @@ class Subscription(db.Entity):
     # Stripe's own status word (active, past_due, ...); None until known.
     status = Optional(str, nullable=True)
     payment_confirmed = Required(bool, default=False)
+    # Time of the newest subscription snapshot applied: an older one that
+    # arrives late (Stripe does not promise order) never overwrites it.
+    status_at = Optional(datetime)
+    past_due_since = Optional(datetime)
     current_period_start = Optional(datetime)
     current_period_end = Optional(datetime)
     cancel_at = Optional(datetime)
@@ -60,18 +73,26 @@ class Instance(db.Entity):
     checkout_session_id = Optional(str, unique=True, nullable=True)
     port = Required(int)
     docker_host = Required(str, default="localhost")
-    # Actual state: pending, provisioning, running, failed.
+    # Actual state: pending, provisioning, running, suspended, cancelled,
+    # destroyed, failed, needs_attention (see lifecycle.py).
     status = Required(str, default="pending")
-    # What billing says it should be: pending, running.
+    # What billing says it should be (lifecycle.desired_state).
     desired_state = Required(str, default="pending")
-    status_message = Optional(str, nullable=True)
+    status_message = Optional(LongStr, nullable=True)
+    # False once destroyed (or never given its name): frees subdomain and port.
     live = Required(bool, default=True)
     welcome_sent_at = Optional(datetime)
     provisioned_at = Optional(datetime)
+    # Start of the current suspension or closure; keys its notices.
+    stopped_since = Optional(datetime)
+    delete_after = Optional(datetime)
+    archive_path = Optional(str, nullable=True)
+    destroyed_at = Optional(datetime)
     created_at = Required(datetime, default=utcnow)
     updated_at = Required(datetime, default=utcnow)
     jobs = Set("Job")
     logs = Set("LogEntry")
+    notifications = Set("Notification")
 
     @property
     def container_name(self) -> str:
@@ -81,6 +102,16 @@ class Instance(db.Entity):
         self.status = status
         self.status_message = message
         self.updated_at = utcnow()
+
+
+class SubdomainHold(db.Entity):
+    """A name promised to an open Checkout Session, so no one else pays for it meanwhile."""
+
+    id = PrimaryKey(int, auto=True)
+    subdomain = Required(str, unique=True)
+    checkout_session_id = Required(str, unique=True)
+    email = Required(str)
+    expires_at = Required(datetime)
 
 
 class StripeEvent(db.Entity):
@@ -110,8 +141,10 @@ class AnsibleRun(db.Entity):
 
 class Job(db.Entity):
     id = PrimaryKey(int, auto=True)
-    # event | converge | welcome_email
+    # event | converge | notify | reconcile | destroy
     kind = Required(str)
+    # What exactly, for kinds that need it (notify: "notice|episode key").
+    detail = Optional(str, nullable=True)
     instance = Optional(Instance)
     event = Optional(StripeEvent)
     # queued | running | done | failed
@@ -125,6 +158,18 @@ class Job(db.Entity):
     created_at = Required(datetime, default=utcnow)
     finished_at = Optional(datetime)
     logs = Set("LogEntry")
+
+
+class Notification(db.Entity):
+    """An email that went out; (instance, notice, key) makes each send once-only."""
+
+    id = PrimaryKey(int, auto=True)
+    instance = Optional(Instance)
+    notice = Required(str)
+    key = Required(str, default="-")
+    recipient = Required(str)
+    sent_at = Required(datetime, default=utcnow)
+    composite_key(instance, notice, key)
 
 
 class LogEntry(db.Entity):
@@ -173,5 +218,6 @@ def bind(config: Config) -> Database:
 def reset() -> None:
     """Empty every table (tests share one mapped database per process)."""
     with db_session:
-        for entity in (LogEntry, Job, AnsibleRun, StripeEvent, Instance, Subscription, Customer):
+        for entity in (LogEntry, Notification, SubdomainHold, Job, AnsibleRun, StripeEvent,
+                       Instance, Subscription, Customer):
             entity.select().delete(bulk=True)

@@ -6,7 +6,7 @@ import re
 
 from pony.orm import exists
 
-from provisioner.models import Instance
+from provisioner.models import Instance, SubdomainHold, utcnow
 
 # Names that belong to us or that customers would mistake for us.
 RESERVED = frozenset({
@@ -54,14 +54,28 @@ def validate_format(name: str) -> str:
     return name
 
 
-def is_taken(name: str) -> bool:
-    """Needs a db_session: a live store already has this name."""
-    return exists(i for i in Instance if i.subdomain == name and i.live)
+def holder(name: str) -> Instance | None:
+    """Needs a db_session: the live store that has this name."""
+    return Instance.get(subdomain=name, live=True)
 
 
-def check_available(raw: object) -> str:
-    """Needs a db_session. The normalised name, or InvalidSubdomain."""
+def is_held(name: str, except_session: str | None = None) -> bool:
+    """Needs a db_session: an open checkout (not `except_session`) was promised this name."""
+    return exists(h for h in SubdomainHold if h.subdomain == name and h.expires_at > utcnow()
+                  and h.checkout_session_id != except_session)
+
+
+def check_available(raw: object, email: str | None = None) -> str:
+    """Needs a db_session. The normalised name, or InvalidSubdomain.
+
+    A cancelled store's own customer (same email) may take its name back.
+    """
     name = validate_format(normalise(raw))
-    if is_taken(name):
+    store = holder(name)
+    if store is not None and not (
+            email and store.desired_state == "cancelled"
+            and store.admin_email.lower() == email.lower()):
         raise SubdomainTaken(f"'{name}' is already taken")
+    if is_held(name):
+        raise SubdomainTaken(f"'{name}' is being checked out by someone else")
     return name

@@ -56,9 +56,12 @@ def recover_abandoned() -> int:
 
 
 class Worker:
-    def __init__(self, config: Config, wake: threading.Event | None = None):
+    def __init__(self, config: Config, wake: threading.Event | None = None,
+                 playbook_runner=run_playbook):
         self.config = config
         self.wake = wake or threading.Event()
+        # The tests of billing logic swap in a recorder; everything else runs Ansible.
+        self.run_playbook = playbook_runner
 
     # -- loop ----------------------------------------------------------------
 
@@ -87,16 +90,20 @@ class Worker:
                 by_kind.setdefault(kinds[job_id], []).append(job_id)
             for job_id in by_kind.pop("event", []):
                 self._one(job_id, self._apply_event)
-            converge = by_kind.pop("converge", [])
-            if converge:
+            for job_id in by_kind.pop("reconcile", []):
+                self._one(job_id, self._reconcile)
+            for kind, batch in (("converge", self._converge), ("destroy", self._destroy)):
+                ids = by_kind.pop(kind, [])
+                if not ids:
+                    continue
                 try:
-                    self._converge(converge)
+                    batch(ids)
                 except Exception as exc:  # never leave a claimed job hanging
-                    log.exception("converge batch failed")
-                    for job_id in converge:
+                    log.exception("%s batch failed", kind)
+                    for job_id in ids:
                         self._fail(job_id, f"{type(exc).__name__}: {exc}")
-            for job_id in by_kind.pop("welcome_email", []):
-                self._one(job_id, self._welcome)
+            for job_id in by_kind.pop("notify", []):
+                self._one(job_id, self._notify)
             for kind, ids in by_kind.items():
                 for job_id in ids:
                     self._fail(job_id, f"unknown job kind {kind!r}")
@@ -116,9 +123,15 @@ class Worker:
     def _apply_event(self, job: Job) -> None:
         events.apply(self.config, job.event)
 
-    def _welcome(self, job: Job) -> None:
-        if job.instance.status == lifecycle.RUNNING:
-            notifications.send_welcome(self.config, job.instance)
+    def _reconcile(self, job: Job) -> None:
+        if job.instance.live:
+            lifecycle.reconcile(job.instance, self.config)
+
+    def _notify(self, job: Job) -> None:
+        notice, _, key = (job.detail or "").partition("|")
+        if notice == "welcome" and job.instance.status != lifecycle.RUNNING:
+            return  # the store went away before it was ready; no login to send
+        notifications.send_notice(self.config, job.instance, notice, key or "-")
 
     def _fail(self, job_id: int, error: str) -> None:
         with db_session:
@@ -130,8 +143,11 @@ class Worker:
             if job.event is not None:
                 job.event.error = error
                 job.event.failed_at = None if retrying else utcnow()
-            if job.kind == "converge" and job.instance is not None:
-                job.instance.set_status("provisioning" if retrying else "failed", error)
+            if job.kind in ("converge", "destroy") and job.instance is not None:
+                if retrying:
+                    job.instance.status_message = f"retrying: {error}"
+                else:
+                    job.instance.set_status("failed", error)
         log.warning("job %s failed (%s): %s", job_id, "retrying" if retrying else "gave up", error)
 
     def _secrets_of(self, instances: Iterable[Instance]) -> list[str]:
@@ -139,37 +155,81 @@ class Worker:
         return values + self.config.secrets()
 
     def _converge(self, job_ids: list[int]) -> None:
-        """Bring every store in the batch to its desired state in one playbook run."""
-        ident = new_ident("provision.yml")
+        """Bring every store in the batch to its desired state, one playbook run per state."""
+        groups: dict[str, list[int]] = {}
         with db_session:
-            batch = [Job[j] for j in job_ids]
-            work = []
-            for job in batch:
+            for job_id in job_ids:
+                job = Job[job_id]
                 instance = job.instance
-                if not instance.live or instance.desired_state != lifecycle.RUNNING:
+                desired = instance.desired_state
+                if not instance.live or desired not in lifecycle.CONVERGED \
+                        or instance.status == desired:
                     jobs.complete(job)
-                    continue
-                work.append(job)
-            if not work:
-                return
-            run = AnsibleRun(ident=ident, playbook="provision.yml",
+                elif desired in lifecycle.STOPPED and instance.provisioned_at is None:
+                    # Never built: nothing to stop, nobody to tell.
+                    instance.set_status(desired)
+                    jobs.complete(job)
+                else:
+                    groups.setdefault(desired, []).append(job_id)
+        for desired, ids in groups.items():
+            playbook = "provision.yml" if desired == lifecycle.RUNNING else "suspend.yml"
+            extra = {"page": "suspended" if desired == lifecycle.SUSPENDED else "closed"} \
+                if desired in lifecycle.STOPPED else {}
+            self._run_batch(playbook, ids, extra,
+                            on_success=lambda instance, d=desired: lifecycle.converged(instance, d))
+
+    def _destroy(self, job_ids: list[int]) -> None:
+        """Archive, verify, then remove stores past their deletion date."""
+        stamp = utcnow().strftime("%Y%m%dT%H%M%S")
+        ready = []
+        with db_session:
+            for job_id in job_ids:
+                job = Job[job_id]
+                instance = job.instance
+                if not instance.live or instance.desired_state != lifecycle.CANCELLED:
+                    jobs.complete(job)  # re-subscribed or already gone
+                elif instance.provisioned_at is None:
+                    _mark_destroyed(instance, None)
+                    jobs.complete(job)
+                else:
+                    ready.append(job_id)
+        if not ready:
+            return
+        archive_root = str(self.config.backup_root)
+
+        def archive_of(instance: Instance) -> str:
+            return f"{archive_root}/{instance.subdomain}-{instance.id}-{stamp}.tar.gz"
+
+        self._run_batch("destroy.yml", ready, {},
+                        per_store=lambda instance: {"archive": archive_of(instance)},
+                        on_success=lambda instance: _mark_destroyed(instance, archive_of(instance)))
+
+    def _run_batch(self, playbook: str, job_ids: list[int], extra: dict, on_success,
+                   per_store=None) -> None:
+        """One ansible run for all the jobs' stores; each job succeeds or fails on its host."""
+        ident = new_ident(playbook)
+        with db_session:
+            run = AnsibleRun(ident=ident, playbook=playbook,
                              artifact_dir=str(artifact_dir(self.config, ident)))
             stores, secrets, hosts = [], {}, {}
-            for job in work:
+            for job_id in job_ids:
+                job = Job[job_id]
                 instance = job.instance
-                instance.set_status("provisioning", "running provision.yml")
+                instance.status_message = f"running {playbook}"
+                instance.updated_at = utcnow()
                 job.ansible_run = run
-                stores.append(store_vars(instance))
+                stores.append({**store_vars(instance), **extra,
+                               **(per_store(instance) if per_store else {})})
                 if instance.admin_password:
                     secrets[instance.subdomain] = {"admin_password": instance.admin_password}
                 hosts[instance.subdomain] = (instance.id, job.id)
             flush()
-            redact_values = self._secrets_of(job.instance for job in work)
+            redact_values = self._secrets_of(Job[j].instance for j in job_ids)
             run_id = run.id
         sink = _EventSink(run_id, hosts, redact_values)
         try:
-            result = run_playbook(self.config, "provision.yml", stores, secrets,
-                                  on_event=sink, ident=ident)
+            result = self.run_playbook(self.config, playbook, stores, secrets,
+                                       on_event=sink, ident=ident)
         except Exception as exc:  # ansible-runner itself failed: every job retries
             with db_session:
                 AnsibleRun[run_id].status = "error"
@@ -188,12 +248,19 @@ class Worker:
                 continue
             with db_session:
                 instance = Instance[instance_id]
-                instance.set_status(lifecycle.RUNNING)
-                instance.provisioned_at = instance.provisioned_at or utcnow()
                 LogEntry(instance=instance, job=Job[job_id], ansible_run=run_id,
-                         message=f"store running ({outcome.changed} changed) in run {ident}")
+                         message=f"{playbook} done ({outcome.changed} changed) in run {ident}")
                 jobs.complete(Job[job_id])
-                lifecycle.reconcile(instance)
+                on_success(instance)
+
+
+def _mark_destroyed(instance: Instance, archive: str | None) -> None:
+    instance.live = False
+    instance.archive_path = archive
+    instance.destroyed_at = utcnow()
+    instance.desired_state = lifecycle.DESTROYED
+    instance.set_status(lifecycle.DESTROYED, f"archived to {archive}" if archive else None)
+    LogEntry(instance=instance, message=f"destroyed; data archived to {archive}")
 
 
 class _EventSink:
