@@ -93,7 +93,12 @@ class Service:
     config: object
     nginx: LocalNginx
     smtp: SMTPSink
+    wake_event: threading.Event
     webhook_times: list[float] = field(default_factory=list)
+
+    def wake(self) -> None:
+        """Tell the worker there is work (as the webhook does)."""
+        self.wake_event.set()
 
     def post_event(self, evt: dict) -> dict:
         payload = stripe_events.encode(evt)
@@ -137,6 +142,8 @@ def live_config(base_env, config, nginx, smtp, tmp_path_factory):
     env = {**base_env, **nginx.settings(),
            "CUSTOMER_DATA_ROOT": str(tmp_path_factory.mktemp("customers")),
            "CONTAINER_NETWORK": "ebuilder_test",
+           "BACKUP_ROOT": str(tmp_path_factory.mktemp("backups") / "archives"),
+           "JOB_MAX_ATTEMPTS": "2",
            "EMAIL_HOST": "127.0.0.1", "EMAIL_PORT": str(smtp[1])}
     return load_config(env, env_file=tmp_path_factory.mktemp("noenv2") / ".env")
 
@@ -150,7 +157,7 @@ def service(live_config, nginx, smtp):
     thread = threading.Thread(target=server.start, daemon=True)
     thread.start()
     wait_for_port(port)
-    yield Service(f"http://127.0.0.1:{port}", live_config, nginx, smtp[0])
+    yield Service(f"http://127.0.0.1:{port}", live_config, nginx, smtp[0], wake)
     server.stop()
     stop.set()
     worker.join(timeout=60)

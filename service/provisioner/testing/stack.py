@@ -20,6 +20,14 @@ http {{
     uwsgi_temp_path {root}/tmp/uwsgi;
     scgi_temp_path {root}/tmp/scgi;
     server_names_hash_bucket_size 128;
+    # Unknown hosts get a 404 instead of some store's site (as in production).
+    server {{
+        listen 127.0.0.1:{http_port} default_server;
+        listen 127.0.0.1:{https_port} ssl default_server;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        return 404;
+    }}
     include {root}/sites/*.conf;
 }}
 """
@@ -69,7 +77,9 @@ class LocalNginx:
         (self.root / "tmp").mkdir(parents=True, exist_ok=True)
         self.sites.mkdir(exist_ok=True)
         self.cert, self.key = make_wildcard_cert(self.root, self.base_domain)
-        self.conf.write_text(NGINX_CONF.format(root=self.root))
+        self.conf.write_text(NGINX_CONF.format(root=self.root, http_port=self.http_port,
+                                               https_port=self.https_port, cert=self.cert,
+                                               key=self.key))
         subprocess.run([self.nginx_bin, "-c", str(self.conf), "-e", str(self.root / "error.log")],
                        check=True, capture_output=True)
         return self
