@@ -63,3 +63,8 @@ def apply_events(config, evts: list[dict]) -> None:
 @pytest.fixture
 def signup_events():
     return stripe_events.signup
+
+
+def pytest_collection_modifyitems(items):
+    """Unit tests first: the integration suite's live worker thread must not see their data."""
+    items.sort(key=lambda item: "integration" in item.nodeid.split("::")[0])

@@ -61,4 +61,5 @@ def create_checkout_session(config: Config, subdomain: str, site_name: str, emai
     except stripe.StripeError as exc:
         raise CheckoutUnavailable(f"Stripe refused the checkout: {exc.user_message or 'error'}") \
             from None
-    return {"id": session.id, "url": session.url, "expires_at": session.get("expires_at")}
+    return {"id": session.id, "url": session.url,
+            "expires_at": session.to_dict().get("expires_at")}

@@ -308,6 +308,7 @@ def invoice_payment_failed(config: Config, invoice: dict, at: datetime) -> None:
     subscription_id = invoice_subscription_id(invoice)
     if subscription_id is None:
         return
+    refresh_unknown_customer(config, _id(invoice.get("customer")))
     subscription = subscription_for(subscription_id, _id(invoice.get("customer")))
     if subscription.status in lifecycle.ENDED_STATUSES:
         return

@@ -23,13 +23,12 @@ def refresh_customer(config: Config, stripe_customer_id: str) -> int:
                                                        "status": "all", "limit": 100})
     except (CheckoutUnavailable, stripe.StripeError) as exc:
         raise StripeUnavailable(str(exc)) from None
-    email = customer.get("email") or ""
+    email = customer.to_dict().get("email") or ""
     events.customer_for(stripe_customer_id, email)
     now = utcnow()
     count = 0
     for sub in listing.data:
-        snapshot = sub.to_dict() if hasattr(sub, "to_dict") else dict(sub)
-        subscription = events.apply_subscription(config, snapshot, now)
+        subscription = events.apply_subscription(config, sub.to_dict(), now)
         events.reconcile_all(config, subscription)
         count += 1
     return count

@@ -8,6 +8,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -138,8 +139,24 @@ def smtp():
 
 
 @pytest.fixture(scope="session")
-def live_config(base_env, config, nginx, smtp, tmp_path_factory):
+def localstripe():
+    """localstripe (PyPI), a Stripe fake that speaks the API and signs its webhooks."""
+    port = free_port()
+    process = subprocess.Popen(
+        [str(Path(sys.executable).parent / "localstripe"), "--port", str(port), "--from-scratch"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port, timeout=30)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def live_config(base_env, config, nginx, smtp, localstripe, tmp_path_factory):
     env = {**base_env, **nginx.settings(),
+           "STRIPE_SECRET_KEY": "sk_test_localstripe", "STRIPE_API_BASE": localstripe,
            "CUSTOMER_DATA_ROOT": str(tmp_path_factory.mktemp("customers")),
            "CONTAINER_NETWORK": "ebuilder_test",
            "BACKUP_ROOT": str(tmp_path_factory.mktemp("backups") / "archives"),
