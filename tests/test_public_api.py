@@ -1,30 +1,11 @@
 """The public API through the real Bottle app (WSGI, no server needed)."""
 
-import io
-import json
-
 import pytest
 from pony.orm import db_session
 
 from provisioner.app import create_app
 from provisioner.models import Instance
-
-
-def call(app, method, path, body=None, headers=None):
-    raw = body if isinstance(body, bytes) else json.dumps(body).encode() if body is not None \
-        else b""
-    environ = {"REQUEST_METHOD": method, "PATH_INFO": path, "wsgi.input": io.BytesIO(raw),
-               "CONTENT_LENGTH": str(len(raw)), "CONTENT_TYPE": "application/json",
-               "SERVER_NAME": "test", "SERVER_PORT": "80", "wsgi.url_scheme": "http"}
-    for name, value in (headers or {}).items():
-        environ["HTTP_" + name.upper().replace("-", "_")] = value
-    captured = {}
-
-    def start_response(status, response_headers, exc_info=None):
-        captured["status"] = int(status.split()[0])
-
-    out = b"".join(app(environ, start_response))
-    return captured["status"], json.loads(out or b"null")
+from tests.wsgi import call
 
 
 @pytest.fixture

@@ -100,6 +100,8 @@ class Config:
     database_url: str = ""
     admin_user: str = "admin"
     admin_password: str = field(default="", repr=False)
+    admin_token: str = field(default="", repr=False)
+    plan_price_pence: int = 1200
     project_dir: Path = PROJECT_DIR
     suspend_after_days: int = 7
     delete_after_days: int = 30
@@ -142,7 +144,7 @@ class Config:
     def secrets(self) -> list[str]:
         """Values that must never be shown, for redaction."""
         values = [self.stripe_secret_key, self.stripe_webhook_secret, self.email_host_password,
-                  self.admin_password]
+                  self.admin_password, self.admin_token]
         return [v for v in values if v]
 
 
@@ -196,6 +198,8 @@ def load_config(environ: dict[str, str] | None = None, env_file: Path | None = N
         database_url=env.get("DATABASE_URL", ""),
         admin_user=env.get("PROVISIONER_ADMIN_USER") or "admin",
         admin_password=admin_password,
+        admin_token=env.get("PROVISIONER_ADMIN_TOKEN", ""),
+        plan_price_pence=_int(env, "PLAN_PRICE_PENCE", 1200, 0, 10_000_000),
         suspend_after_days=_int(env, "SUSPEND_AFTER_DAYS", 7, 0, 365),
         delete_after_days=_int(env, "DELETE_AFTER_DAYS", 30, 0, 3650),
         backup_root=Path(env.get("BACKUP_ROOT") or "/srv/ebuilder/backups"),

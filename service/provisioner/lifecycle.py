@@ -72,7 +72,8 @@ def reconcile(instance: Instance, config: Config) -> None:
         instance.delete_after = ended + timedelta(days=config.delete_after_days)
     elif desired != CANCELLED:
         instance.delete_after = None
-    if desired in CONVERGED and instance.status != desired:
+    if desired in CONVERGED and instance.status != desired and not (
+            desired == RUNNING and instance.admin_hold):
         jobs.enqueue("converge", instance=instance)
     elif desired == RUNNING and instance.welcome_sent_at is None:
         notify(instance, "welcome")

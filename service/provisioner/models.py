@@ -83,6 +83,8 @@ class Instance(db.Entity):
     live = Required(bool, default=True)
     welcome_sent_at = Optional(datetime)
     provisioned_at = Optional(datetime)
+    # An admin stopped it: billing alone does not start it again.
+    admin_hold = Required(bool, default=False)
     # Start of the current suspension or closure; keys its notices.
     stopped_since = Optional(datetime)
     delete_after = Optional(datetime)

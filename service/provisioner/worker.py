@@ -92,7 +92,8 @@ class Worker:
                 self._one(job_id, self._apply_event)
             for job_id in by_kind.pop("reconcile", []):
                 self._one(job_id, self._reconcile)
-            for kind, batch in (("converge", self._converge), ("destroy", self._destroy)):
+            for kind, batch in (("converge", self._converge), ("action", self._actions),
+                                ("destroy", self._destroy)):
                 ids = by_kind.pop(kind, [])
                 if not ids:
                     continue
@@ -163,7 +164,8 @@ class Worker:
                 instance = job.instance
                 desired = instance.desired_state
                 if not instance.live or desired not in lifecycle.CONVERGED \
-                        or instance.status == desired:
+                        or instance.status == desired \
+                        or (desired == lifecycle.RUNNING and instance.admin_hold):
                     jobs.complete(job)
                 elif desired in lifecycle.STOPPED and instance.provisioned_at is None:
                     # Never built: nothing to stop, nobody to tell.
@@ -177,6 +179,20 @@ class Worker:
                 if desired in lifecycle.STOPPED else {}
             self._run_batch(playbook, ids, extra,
                             on_success=lambda instance, d=desired: lifecycle.converged(instance, d))
+
+    def _actions(self, job_ids: list[int]) -> None:
+        """Admin start/stop/restart: one playbook run per action."""
+        groups: dict[str, list[int]] = {}
+        with db_session:
+            for job_id in job_ids:
+                groups.setdefault(Job[job_id].detail or "", []).append(job_id)
+        for action, ids in groups.items():
+            if action not in ADMIN_ACTIONS:
+                for job_id in ids:
+                    self._fail(job_id, f"unknown action {action!r}")
+                continue
+            self._run_batch(f"{action}.yml", ids, {},
+                            on_success=lambda instance, a=action: _acted(instance, a))
 
     def _destroy(self, job_ids: list[int]) -> None:
         """Archive, verify, then remove stores past their deletion date."""
@@ -252,6 +268,16 @@ class Worker:
                          message=f"{playbook} done ({outcome.changed} changed) in run {ident}")
                 jobs.complete(Job[job_id])
                 on_success(instance)
+
+
+ADMIN_ACTIONS = ("start", "stop", "restart")
+
+
+def _acted(instance: Instance, action: str) -> None:
+    instance.admin_hold = action == "stop"
+    instance.set_status("stopped" if action == "stop" else lifecycle.RUNNING,
+                        f"{action} by an admin")
+    LogEntry(instance=instance, message=f"admin {action} done")
 
 
 def _mark_destroyed(instance: Instance, archive: str | None) -> None:

@@ -1,0 +1,106 @@
+"""The OpenAPI document of the HTTP API (a test keeps it in step with the routes)."""
+
+from __future__ import annotations
+
+ERROR = {"$ref": "#/components/schemas/Error"}
+
+
+def _json(schema: dict, description: str) -> dict:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _errors(*codes: int) -> dict:
+    text = {400: "bad input", 401: "admin credentials required", 404: "unknown id",
+            409: "conflict", 429: "too many failed logins", 503: "not configured"}
+    return {str(c): _json(ERROR, text[c]) for c in codes}
+
+
+def _admin_get(summary: str, *, with_id: bool = False, params: list | None = None) -> dict:
+    operation = {"summary": summary, "security": [{"basic": []}, {"bearer": []}],
+                 "responses": {"200": _json({"type": "object"}, "OK"),
+                               **_errors(401, *((404,) if with_id else ()))}}
+    if params:
+        operation["parameters"] = params
+    return {"get": operation}
+
+
+def _action(name: str) -> dict:
+    return {"post": {"summary": f"Queue a {name} of the store's container (runs {name}.yml).",
+                     "security": [{"basic": []}, {"bearer": []}],
+                     "responses": {"202": _json({"type": "object", "properties": {
+                         "job_id": {"type": "integer"}, "status_url": {"type": "string"}}},
+                         "queued"), **_errors(401, 404, 409)}}}
+
+
+def _query(name: str, schema: dict, description: str) -> dict:
+    return {"name": name, "in": "query", "required": False, "schema": schema,
+            "description": description}
+
+
+PAGING = [_query("page", {"type": "integer", "minimum": 1}, "page number"),
+          _query("per_page", {"type": "integer", "minimum": 1, "maximum": 200}, "page size")]
+ID = [{"name": "id", "in": "path", "required": True, "schema": {"type": "integer"}}]
+
+
+def document() -> dict:
+    instance_id = [*ID]
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "eBuilder Provisioner", "version": "1"},
+        "components": {
+            "securitySchemes": {"basic": {"type": "http", "scheme": "basic"},
+                                "bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": {"Error": {"type": "object", "required": ["error"],
+                                  "properties": {"error": {"type": "string"}}}},
+        },
+        "paths": {
+            "/api/check-subdomain/": {"post": {
+                "summary": "Is this subdomain free for a new store?",
+                "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                    "type": "object", "required": ["subdomain"],
+                    "properties": {"subdomain": {"type": "string"}}}}}},
+                "responses": {"200": _json({"type": "object", "properties": {
+                    "available": {"type": "boolean"}, "reason": {"type": "string"},
+                    "url": {"type": "string"}}}, "available or taken"), **_errors(400)}}},
+            "/api/create-checkout/": {"post": {
+                "summary": "Start a Stripe Checkout (subscription) for a new store.",
+                "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                    "type": "object", "required": ["subdomain", "site_name", "email"],
+                    "properties": {"subdomain": {"type": "string"},
+                                   "site_name": {"type": "string"},
+                                   "email": {"type": "string", "format": "email"}}}}}},
+                "responses": {"200": _json({"type": "object", "properties": {
+                    "session_id": {"type": "string"}, "checkout_url": {"type": "string"}}},
+                    "redirect the customer to checkout_url"), **_errors(400, 409, 503)}}},
+            "/api/webhook/stripe/": {"post": {
+                "summary": "Stripe webhook (verified with the Stripe-Signature header).",
+                "responses": {"200": _json({"type": "object"}, "recorded (or a duplicate)"),
+                              **_errors(400)}}},
+            "/api/health/": {"get": {"summary": "The service is up.",
+                                     "responses": {"200": _json({"type": "object"}, "up")}}},
+            "/api/status/": {"get": {"summary": "Public status: queue depth, stores running.",
+                                     "responses": {"200": _json({"type": "object"}, "OK")}}},
+            "/api/openapi.json": {"get": {"summary": "This document.",
+                                          "responses": {"200": _json({"type": "object"}, "OK")}}},
+            "/api/instances/": _admin_get("Stores, newest first.", params=[
+                _query("status", {"type": "string"}, "only stores in this state"),
+                _query("q", {"type": "string"}, "search subdomain and email"), *PAGING]),
+            "/api/instances/{id}/": _admin_get("One store with recent jobs and log.",
+                                               with_id=True, params=instance_id),
+            "/api/instances/{id}/start/": {**_action("start"), "parameters": instance_id},
+            "/api/instances/{id}/stop/": {**_action("stop"), "parameters": instance_id},
+            "/api/instances/{id}/restart/": {**_action("restart"), "parameters": instance_id},
+            "/api/instances/{id}/health/": _admin_get(
+                "Live check: container state and HTTP /health/.", with_id=True,
+                params=instance_id),
+            "/api/instances/{id}/stats/": _admin_get("CPU and memory from Docker.",
+                                                     with_id=True, params=instance_id),
+            "/api/customers/": _admin_get("Customers with subscriptions and stores.",
+                                          params=PAGING),
+            "/api/stats/": _admin_get("Counts per state, signups, cancellations, failures."),
+            "/api/jobs/{id}/": _admin_get("A job's state and log.", with_id=True,
+                                          params=instance_id),
+            "/api/runs/{id}/": _admin_get("An ansible run: per-task events and stdout.",
+                                          with_id=True, params=instance_id),
+        },
+    }
