@@ -205,7 +205,7 @@ def test_openapi_documents_every_api_route(app):
 
 def test_admin_pages_need_auth_and_render(app, stores):
     status, text, headers = call(app, "GET", "/admin/", raw=True)
-    assert status == 401 and headers["WWW-Authenticate"].startswith("Basic")
+    assert status == 401 and headers["Www-Authenticate"].startswith("Basic")
     for path in ["/admin/", "/admin/instances/", f"/admin/instances/{stores['alpha-shop']}/",
                  "/admin/customers/"]:
         status, html, _ = call(app, "GET", path, headers=AUTH, raw=True)
