@@ -22,4 +22,8 @@ else
     echo ok > /www/health/index.html
 fi
 echo "$(date -u +%FT%TZ) started for $ALLOWED_HOSTS" >> /app/logs/boot.log
-exec httpd -f -p 8000 -h /www
+# PID 1 ignores SIGTERM unless it handles it: stop promptly, as a real app does.
+httpd -f -p 8000 -h /www &
+pid=$!
+trap 'kill "$pid" 2>/dev/null; wait "$pid"; exit 0' TERM INT
+wait "$pid"

@@ -3,9 +3,12 @@
 # Debian packages (docker.io, nginx, busybox-static, openssl) when missing,
 # a Docker engine when none answers, a venv in .venv with the package
 # installed, and the stand-in eBuilder image. Safe to run again.
+# Usage: scripts/setup.sh [--with-browser]   (the browser is for the tests)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 log() { echo "setup: $*"; }
+with_browser=0
+[ "${1:-}" = "--with-browser" ] && with_browser=1
 
 need=()
 command -v dockerd >/dev/null 2>&1 || need+=(docker.io)
@@ -14,6 +17,9 @@ command -v openssl >/dev/null 2>&1 || need+=(openssl)
 static_busybox() { { ldd "$(command -v busybox)" 2>&1 || true; } | grep -q "not a dynamic"; }
 if ! command -v busybox >/dev/null 2>&1 || ! static_busybox; then
     need+=(busybox-static)
+fi
+if [ $with_browser = 1 ] && [ ! -x /usr/bin/chromium ]; then
+    need+=(chromium)
 fi
 if [ ${#need[@]} -gt 0 ]; then
     log "installing ${need[*]}"

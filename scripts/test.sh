@@ -2,7 +2,7 @@
 # The test command: set the machine up, lint, then run every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh
+scripts/setup.sh --with-browser
 .venv/bin/ruff check service tests
 .venv/bin/ansible-lint --profile production playbooks roles
 .venv/bin/python -m pytest -p no:cacheprovider "$@"

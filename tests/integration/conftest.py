@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 import shutil
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +30,7 @@ from provisioner.worker import serve_worker
 from tests.conftest import WEBHOOK_SECRET
 
 pytestmark = pytest.mark.integration
+ADMIN_PASSWORD = "admin-secret-for-tests"
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 
 
@@ -97,6 +100,22 @@ class Service:
     wake_event: threading.Event
     webhook_times: list[float] = field(default_factory=list)
 
+    def api(self, method: str, path: str) -> tuple[int, object]:
+        """An admin API call over HTTP."""
+        token = base64.b64encode(f"admin:{ADMIN_PASSWORD}".encode()).decode()
+        request = urllib.request.Request(self.url + path, method=method,
+                                         headers={"Authorization": f"Basic {token}"})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                body = response.read()
+                status = response.status
+        except urllib.error.HTTPError as exc:
+            body, status = exc.read(), exc.code
+        try:
+            return status, json.loads(body)
+        except json.JSONDecodeError:
+            return status, body.decode()
+
     def wake(self) -> None:
         """Tell the worker there is work (as the webhook does)."""
         self.wake_event.set()
@@ -157,6 +176,7 @@ def localstripe():
 def live_config(base_env, config, nginx, smtp, localstripe, tmp_path_factory):
     env = {**base_env, **nginx.settings(),
            "STRIPE_SECRET_KEY": "sk_test_localstripe", "STRIPE_API_BASE": localstripe,
+           "PROVISIONER_ADMIN_USER": "admin", "PROVISIONER_ADMIN_PASSWORD": ADMIN_PASSWORD,
            "CUSTOMER_DATA_ROOT": str(tmp_path_factory.mktemp("customers")),
            "CONTAINER_NETWORK": "ebuilder_test",
            "BACKUP_ROOT": str(tmp_path_factory.mktemp("backups") / "archives"),

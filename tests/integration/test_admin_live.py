@@ -1,0 +1,186 @@
+"""Admin API and pages on real containers, in headless Chromium; the secret-leak check."""
+
+from __future__ import annotations
+
+import email
+import logging
+import re
+from email import policy
+from pathlib import Path
+
+import pytest
+from pony.orm import db_session, select
+
+from provisioner.models import AnsibleRun, Instance, Job, LogEntry
+from provisioner.testing import stripe_events
+from tests.integration.conftest import (
+    ADMIN_PASSWORD,
+    ARTIFACTS,
+    inspect,
+    poll,
+    wait_until_live,
+)
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+def provision(service, name) -> int:
+    for evt in stripe_events.signup(subdomain=name, site_name=name.title(),
+                                    email=f"{name}@example.com"):
+        service.post_event(evt)
+    wait_until_live(name)
+    with db_session:
+        return Instance.get(subdomain=name).id
+
+
+def wait_job(service, job_id):
+    def finished():
+        status, job = service.api("GET", f"/api/jobs/{job_id}/")
+        return job["state"] in ("done", "failed") and job
+    job = poll(finished, timeout=120, what=f"job {job_id}")
+    assert job["state"] == "done", job
+    return job
+
+
+def test_start_stop_restart_through_the_api_change_the_real_container(service):
+    store = provision(service, "api-shop")
+    status, health = service.api("GET", f"/api/instances/{store}/health/")
+    assert status == 200 and health["healthy"] and health["http"]["status"] == 200
+    status, stats = service.api("GET", f"/api/instances/{store}/stats/")
+    assert status == 200 and stats["available"] and stats["cpu_percent"].endswith("%")
+
+    status, queued = service.api("POST", f"/api/instances/{store}/stop/")
+    assert status == 202
+    wait_job(service, queued["job_id"])
+    assert not inspect("ebuilder_api-shop")["State"]["Running"]
+    _, health = service.api("GET", f"/api/instances/{store}/health/")
+    assert health["healthy"] is False and health["container"]["running"] is False
+    _, detail = service.api("GET", f"/api/instances/{store}/")
+    assert detail["status"] == "stopped" and detail["admin_hold"] is True
+
+    status, queued = service.api("POST", f"/api/instances/{store}/start/")
+    assert status == 202
+    wait_job(service, queued["job_id"])
+    assert inspect("ebuilder_api-shop")["State"]["Running"]
+    started = inspect("ebuilder_api-shop")["State"]["StartedAt"]
+
+    status, queued = service.api("POST", f"/api/instances/{store}/restart/")
+    job = wait_job(service, queued["job_id"])
+    assert inspect("ebuilder_api-shop")["State"]["StartedAt"] != started
+    _, run = service.api("GET", f"/api/runs/{job['ansible_run']}/")
+    assert run["playbook"] == "restart.yml" and run["status"] == "successful"
+    assert any(t["task"] == "Show whether the container changed." and t["outcome"] == "changed"
+               for t in run["tasks"])
+
+
+@pytest.fixture(scope="module")
+def browser():
+    playwright_api = pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).exists():
+        pytest.fail("Debian's chromium is not installed: run scripts/setup.sh")
+    with playwright_api.sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        yield chromium
+        chromium.close()
+
+
+def shot(page, name):
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def test_admin_logs_in_opens_a_store_and_stops_it(service, browser):
+    provision(service, "browser-shop")
+    context = browser.new_context(http_credentials={"username": "admin",
+                                                    "password": ADMIN_PASSWORD},
+                                  viewport={"width": 420, "height": 900})
+    page = context.new_page()
+    page.goto(service.url + "/admin/")
+    assert page.get_by_role("heading", name="Dashboard").is_visible()
+    shot(page, "admin-dashboard")
+    page.get_by_role("link", name="browser-shop").first.click()
+    page.wait_for_url("**/admin/instances/*/")
+    assert page.locator("#status").inner_text() == "running"
+    shot(page, "admin-instance-running")
+    page.locator("#stop-button").click()
+    page.wait_for_selector("#status:text('stopped')", timeout=120_000)
+    assert "stop queued" in page.locator(".flash").inner_text()
+    shot(page, "admin-instance-stopped")
+    assert not inspect("ebuilder_browser-shop")["State"]["Running"]
+    run_link = page.get_by_role("link", name=re.compile(r"run \d+")).first
+    run_link.click()
+    page.wait_for_selector("#tasks")
+    assert "stop.yml" in page.locator("h1").inner_text()
+    assert page.locator("#tasks td.outcome-changed").count() >= 1
+    shot(page, "admin-run")
+    context.close()
+
+
+def test_signup_form_checks_availability_as_you_type(service, browser):
+    provision(service, "taken-shop")
+    page = browser.new_page()
+    page.goto(service.url + "/")
+    page.fill("#site_name", "My new shop")
+    page.fill("#subdomain", "fresh-shop")
+    page.wait_for_selector("#availability[data-state=available]")
+    assert "is available" in page.locator("#availability").inner_text()
+    page.fill("#subdomain", "taken-shop")
+    page.wait_for_selector("#availability[data-state=unavailable]")
+    assert "taken" in page.locator("#availability").inner_text()
+    page.fill("#subdomain", "www")
+    page.wait_for_function(
+        "document.getElementById('availability').textContent.includes('reserved')")
+    shot(page, "signup-unavailable")
+    page.close()
+
+
+def test_no_secret_reaches_a_page_an_api_response_or_a_log(service, browser, caplog):
+    caplog.set_level(logging.DEBUG)
+    sent_before = len(service.smtp.messages)
+    store = provision(service, "secret-shop")
+    message = email.message_from_bytes(service.smtp.messages[sent_before], policy=policy.default)
+    password = re.search(r"Temporary password: (\S+)",
+                         message.get_body(("plain",)).get_content()).group(1)
+    env = dict(e.split("=", 1) for e in inspect("ebuilder_secret-shop")["Config"]["Env"])
+    secrets = {"temporary password": password, "SECRET_KEY": env["SECRET_KEY"],
+               "Stripe secret key": service.config.stripe_secret_key,
+               "webhook secret": service.config.stripe_webhook_secret,
+               "admin password": ADMIN_PASSWORD}
+
+    seen: dict[str, str] = {}
+    with db_session:
+        run_ids = list(select(r.id for r in AnsibleRun))
+        job_ids = list(select(j.id for j in Job))
+        seen["log entries"] = "\n".join(e.message for e in LogEntry.select())
+        seen["job errors"] = "\n".join(j.last_error or "" for j in Job.select())
+        artifacts = [Path(r.artifact_dir) for r in AnsibleRun.select()]
+    api_paths = ["/api/instances/", f"/api/instances/{store}/", f"/api/instances/{store}/health/",
+                 f"/api/instances/{store}/stats/", "/api/customers/", "/api/stats/", "/metrics",
+                 "/api/status/", "/api/openapi.json"]
+    api_paths += [f"/api/runs/{r}/" for r in run_ids] + [f"/api/jobs/{j}/" for j in job_ids]
+    for path in api_paths:
+        status, body = service.api("GET", path)
+        assert status == 200, path
+        seen[path] = str(body)
+    context = browser.new_context(http_credentials={"username": "admin",
+                                                    "password": ADMIN_PASSWORD})
+    page = context.new_page()
+    for path in ["/", "/status/", "/admin/", "/admin/instances/", f"/admin/instances/{store}/",
+                 "/admin/customers/", *[f"/admin/runs/{r}/" for r in run_ids]]:
+        page.goto(service.url + path)
+        seen[f"page {path}"] = page.content()
+    context.close()
+    for directory in artifacts:
+        for path in directory.rglob("*"):
+            if path.is_file():
+                seen[str(path)] = path.read_text(errors="replace")
+    # Everything logged in this process except the test SMTP server's own
+    # transcript of the email it received (which must contain the password).
+    seen["service log"] = "\n".join(r.getMessage() for r in caplog.records
+                                    if not r.name.startswith("mail.log"))
+    assert len(seen) > 20
+    for where, text in seen.items():
+        for name, value in secrets.items():
+            assert value not in text, f"{name} leaked into {where}"
