@@ -15,9 +15,11 @@ if [ ! -s /app/db/admin ]; then
     echo "$(date -u +%FT%TZ) created admin user $ADMIN_EMAIL" >> /app/logs/boot.log
 fi
 printf '%s\n' "${SITE_NAME:-eBuilder store}" > /www/index.html
-# /app/db/unhealthy lets tests make a store fail its health check on purpose.
-if [ -e /app/db/unhealthy ]; then
-    echo "unhealthy: /app/db/unhealthy exists" >> /app/logs/boot.log
+# /app/db/unhealthy (one store) or STANDIN_UNHEALTHY=1 (a whole image) make
+# the health check fail on purpose, for the tests of health and upgrade.
+if [ -e /app/db/unhealthy ] || [ "${STANDIN_UNHEALTHY:-0}" = 1 ]; then
+    rm -f /www/health/index.html
+    echo "unhealthy on purpose" >> /app/logs/boot.log
 else
     echo ok > /www/health/index.html
 fi

@@ -1,4 +1,4 @@
-"""`provisioner` command line: serve, worker, cleanup."""
+"""`provisioner` command line: serve, worker, health, sync, nginx, stats, cleanup, upgrade."""
 
 from __future__ import annotations
 
@@ -34,12 +34,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Web service, worker and scheduler in one process."""
     from cheroot import wsgi
 
+    from provisioner import scheduler
     from provisioner.app import create_app
     from provisioner.worker import serve_worker
 
     config = _configure()
     stop, wake = threading.Event(), threading.Event()
     serve_worker(config, stop, wake)
+    scheduler.run(config, stop, wake)
     server = wsgi.Server((args.host, args.port), create_app(config, wake=wake), numthreads=8)
     _stop_on_signals(stop)
     threading.Thread(target=lambda: (stop.wait(), server.stop()), daemon=True).start()
@@ -62,34 +64,111 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _progress(line: str) -> None:
+    print(f"  … {line}", flush=True)
+
+
+def _finish(report, extra_failed: bool = False) -> int:
+    for line in report.lines:
+        print(f"  {line}")
+    print(report.summary())
+    return 1 if report.failed or extra_failed else 0
+
+
+def cmd_maintenance(args: argparse.Namespace) -> int:
+    """health | sync | nginx: run now, in this process, with progress and a summary."""
+    from provisioner.worker import drain, run_maintenance
+
+    config = _configure()
+    report = run_maintenance(config, args.command, progress=_progress)
+    if args.command == "sync" and report.counts.get("corrected"):
+        _progress("converging the stores sync corrected…")
+        drain(config, timeout=args.timeout)
+        report.failed = report.failed or _failed_since(report)
+    return _finish(report)
+
+
+def _failed_since(report) -> bool:
+    from pony.orm import db_session
+
+    from provisioner.models import Instance
+
+    with db_session:
+        return Instance.select(lambda i: i.live and i.status == "failed").exists()
+
+
 def cmd_cleanup(args: argparse.Namespace) -> int:
-    """Archive then destroy stores past their deletion date."""
+    """Archive then destroy stores past their deletion date; remove stopped orphan
+    containers; rotate old ansible artifacts and logs."""
     from pony.orm import db_session, select
 
     from provisioner import lifecycle
     from provisioner.models import Instance, Job
-    from provisioner.worker import drain
+    from provisioner.worker import drain, run_maintenance
 
     config = _configure()
-    with db_session:
-        names = lifecycle.schedule_deletions()
-    print(f"cleanup: {len(names)} store(s) past their deletion date"
-          + (f": {', '.join(names)}" if names else ""))
-    drain(config, timeout=args.timeout)
+    report = run_maintenance(config, "cleanup", progress=_progress)
+    due = [line.split(":")[0] for line in report.lines if "archive then destroy" in line]
+    if due:
+        _progress(f"archiving then destroying {len(due)} store(s)…")
+        drain(config, timeout=args.timeout)
     failed = 0
     with db_session:
-        for name in names:
+        for name in due:
             instance = select(i for i in Instance if i.subdomain == name).order_by(
-                lambda i: i.id).first()
+                lambda i: -i.id).first()
             if instance.status == lifecycle.DESTROYED:
-                print(f"  {name}: archived to {instance.archive_path}, destroyed")
+                report.lines.append(f"{name}: archived to {instance.archive_path}, destroyed")
             else:
                 failed += 1
                 job = select(j for j in Job if j.instance == instance and j.kind == "destroy"
-                             ).order_by(lambda j: j.id).first()
-                print(f"  {name}: NOT destroyed: {job.last_error if job else instance.status}")
-    print(f"cleanup: {len(names) - failed} destroyed, {failed} failed")
-    return 1 if failed else 0
+                             ).order_by(lambda j: -j.id).first()
+                report.lines.append(f"{name}: NOT destroyed: "
+                                    f"{job.last_error if job else instance.status}")
+    report.counts["destroyed"] = len(due) - failed
+    return _finish(report, extra_failed=failed > 0)
+
+
+def cmd_upgrade(args: argparse.Namespace) -> int:
+    """Roll a new image over the running stores, N at a time, rolling back on failure."""
+    from provisioner import maintenance
+
+    config = _configure()
+    image = args.image or config.ebuilder_image
+    if args.batch < 1:
+        print("provisioner: --batch must be at least 1", file=sys.stderr)
+        return 2
+    return _finish(maintenance.upgrade(config, image, args.batch, progress=_progress))
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    """Counts for the terminal, or JSON for scripts."""
+    import json
+
+    from pony.orm import db_session
+
+    from provisioner import admin
+
+    config = _configure()
+    with db_session:
+        stats = admin.stats(config)
+    if args.json:
+        print(json.dumps(stats, indent=2, sort_keys=True))
+        return 0
+    rows = [(f"stores {state}", n) for state, n in sorted(stats["instances_by_status"].items())]
+    rows += [("stores total", stats["instances_total"]),
+             ("paying subscriptions", stats["paying_subscriptions"]),
+             ("past due", stats["past_due_subscriptions"]),
+             ("MRR", f"£{stats['monthly_recurring_revenue_pence'] / 100:.2f}"),
+             ("signups (30 days)", sum(stats["signups_per_day"].values())),
+             ("cancellations (30 days)", sum(stats["cancellations_per_day"].values())),
+             ("failed jobs", stats["job_failures"]),
+             ("events received / failed",
+              f"{stats['events_received']} / {stats['events_failed']}")]
+    width = max(len(label) for label, _ in rows)
+    for label, value in rows:
+        print(f"{label:<{width}}  {value:>10}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,9 +181,22 @@ def main(argv: list[str] | None = None) -> int:
     serve.set_defaults(func=cmd_serve)
     worker = sub.add_parser("worker", help="run the job worker only")
     worker.set_defaults(func=cmd_worker)
-    cleanup = sub.add_parser("cleanup", help="archive then destroy stores past deletion date")
+    for name, text in (("health", "check every running store; restart once, then alert"),
+                       ("sync", "compare Docker with the DB and correct"),
+                       ("nginx", "re-render every vhost; one nginx -t, one reload")):
+        command = sub.add_parser(name, help=text)
+        command.add_argument("--timeout", type=float, default=1800)
+        command.set_defaults(func=cmd_maintenance)
+    cleanup = sub.add_parser("cleanup", help="archive+destroy due stores, orphans, old logs")
     cleanup.add_argument("--timeout", type=float, default=1800)
     cleanup.set_defaults(func=cmd_cleanup)
+    upgrade = sub.add_parser("upgrade", help="roll a new image over running stores")
+    upgrade.add_argument("--image", help="image to roll out (default: EBUILDER_IMAGE)")
+    upgrade.add_argument("--batch", type=int, default=1, help="stores per batch")
+    upgrade.set_defaults(func=cmd_upgrade)
+    stats = sub.add_parser("stats", help="counts per state, revenue, failures")
+    stats.add_argument("--json", action="store_true")
+    stats.set_defaults(func=cmd_stats)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

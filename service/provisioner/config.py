@@ -62,6 +62,15 @@ def _bool(env: dict[str, str], name: str, default: bool) -> bool:
     raise ConfigError(f"{name} must be true or false, got {raw!r}")
 
 
+def _time_of_day(env: dict[str, str], name: str, default: str) -> str:
+    raw = env.get(name, "").strip() or default
+    hours, _, minutes = raw.partition(":")
+    if not (hours.isdigit() and minutes.isdigit() and int(hours) < 24 and int(minutes) < 60
+            and len(minutes) == 2):
+        raise ConfigError(f"{name} must be HH:MM, got {raw!r}")
+    return f"{int(hours):02d}:{minutes}"
+
+
 def _required(env: dict[str, str], name: str) -> str:
     value = env.get(name, "").strip()
     if not value:
@@ -107,6 +116,14 @@ class Config:
     delete_after_days: int = 30
     backup_root: Path = Path("/srv/ebuilder/backups")
     admin_notify_email: str = ""
+    inventory_path: str = ""
+    max_stores_per_host: int = 100
+    health_wait_seconds: int = 60
+    health_alert_after: int = 3
+    artifact_retention_days: int = 30
+    health_interval_minutes: int = 5
+    sync_interval_minutes: int = 60
+    cleanup_at: str = "03:30"
     job_max_attempts: int = 5
     job_retry_base_seconds: int = 5
     worker_poll_seconds: float = 1.0
@@ -127,6 +144,12 @@ class Config:
     @property
     def inventory_dir(self) -> Path:
         return self.project_dir / "inventory"
+
+    @property
+    def inventory_file(self) -> Path:
+        """The Docker hosts (static inventory) the service places stores on."""
+        return Path(self.inventory_path) if self.inventory_path else \
+            self.inventory_dir / "hosts.yml"
 
     @property
     def playbooks_dir(self) -> Path:
@@ -204,6 +227,14 @@ def load_config(environ: dict[str, str] | None = None, env_file: Path | None = N
         delete_after_days=_int(env, "DELETE_AFTER_DAYS", 30, 0, 3650),
         backup_root=Path(env.get("BACKUP_ROOT") or "/srv/ebuilder/backups"),
         admin_notify_email=env.get("ADMIN_NOTIFY_EMAIL", ""),
+        inventory_path=env.get("PROVISIONER_INVENTORY", ""),
+        max_stores_per_host=_int(env, "MAX_STORES_PER_HOST", 100, 1, 100_000),
+        health_wait_seconds=_int(env, "HEALTH_WAIT_SECONDS", 60, 1, 3600),
+        health_alert_after=_int(env, "HEALTH_ALERT_AFTER", 3, 1, 100),
+        artifact_retention_days=_int(env, "ARTIFACT_RETENTION_DAYS", 30, 1, 3650),
+        health_interval_minutes=_int(env, "HEALTH_INTERVAL_MINUTES", 5, 1, 1440),
+        sync_interval_minutes=_int(env, "SYNC_INTERVAL_MINUTES", 60, 1, 10080),
+        cleanup_at=_time_of_day(env, "CLEANUP_AT", "03:30"),
         job_max_attempts=_int(env, "JOB_MAX_ATTEMPTS", 5, 1, 100),
         job_retry_base_seconds=_int(env, "JOB_RETRY_BASE_SECONDS", 5, 0, 3600),
     )

@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 
 from pony.orm import flush, select
 
-from provisioner import lifecycle, subdomains
+from provisioner import docker_hosts, lifecycle, subdomains
 from provisioner.config import Config
 from provisioner.models import (
     Customer,
@@ -165,14 +165,13 @@ def reconcile_all(config: Config, subscription: Subscription) -> None:
         lifecycle.reconcile(instance, config)
 
 
-def free_port(config: Config, docker_host: str) -> int:
-    used = set(select(i.port for i in Instance if i.live and i.docker_host == docker_host))
+def free_port(config: Config) -> int:
+    """The lowest port no live store has, on any host: hosts may share a loopback."""
+    used = set(select(i.port for i in Instance if i.live))
     for port in range(config.port_range_start, config.port_range_end + 1):
         if port not in used:
             return port
-    raise EventError(
-        f"no free port in {config.port_range_start}-{config.port_range_end} on {docker_host}"
-    )
+    raise EventError(f"no free port in {config.port_range_start}-{config.port_range_end}")
 
 
 def refresh_unknown_customer(config: Config, stripe_customer_id: str | None) -> None:
@@ -240,7 +239,8 @@ def checkout_completed(config: Config, session: dict, at: datetime) -> None:
         subdomain=name or (raw_name or "(none)")[:100], site_name=site_name,
         admin_email=email or "unknown", admin_password=secrets.token_urlsafe(12),
         customer=customer, subscription=subscription, checkout_session_id=session["id"],
-        port=0 if problem else free_port(config, "localhost"), docker_host="localhost",
+        port=0 if problem else free_port(config),
+        docker_host="-" if problem else docker_hosts.place(config),
     )
     if problem:
         lifecycle.needs_attention(instance, problem)

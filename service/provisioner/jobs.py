@@ -42,6 +42,11 @@ def claim_due(limit: int = 100) -> list[int]:
         j.instance.id for j in Job
         if j.state == "running" and j.locked_until > now and j.instance is not None
     ))
+    # Jobs without a store (maintenance) run one of a kind at a time.
+    busy_kinds = set(select(
+        j.kind for j in Job
+        if j.state == "running" and j.locked_until > now and j.instance is None
+    ))
     due = select(
         j for j in Job
         if (j.state == "queued" and j.next_run_at <= now)
@@ -53,6 +58,10 @@ def claim_due(limit: int = 100) -> list[int]:
             if job.instance.id in busy:
                 continue
             busy.add(job.instance.id)
+        elif job.event is None:
+            if job.kind in busy_kinds:
+                continue
+            busy_kinds.add(job.kind)
         job.state = "running"
         job.attempts += 1
         job.locked_until = now + LEASE

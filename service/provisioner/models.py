@@ -83,6 +83,10 @@ class Instance(db.Entity):
     live = Required(bool, default=True)
     welcome_sent_at = Optional(datetime)
     provisioned_at = Optional(datetime)
+    # The image it runs; None means the configured EBUILDER_IMAGE.
+    image = Optional(str, nullable=True)
+    health_failures = Required(int, default=0)
+    health_checks = Set("HealthCheck")
     # An admin stopped it: billing alone does not start it again.
     admin_hold = Required(bool, default=False)
     # Start of the current suspension or closure; keys its notices.
@@ -162,6 +166,17 @@ class Job(db.Entity):
     logs = Set("LogEntry")
 
 
+class HealthCheck(db.Entity):
+    """One store's result in one health sweep: the health history."""
+
+    id = PrimaryKey(int, auto=True)
+    instance = Required(Instance)
+    at = Required(datetime, default=utcnow)
+    ok = Required(bool)
+    detail = Optional(str, nullable=True)
+    action = Optional(str, nullable=True)
+
+
 class Notification(db.Entity):
     """An email that went out; (instance, notice, key) makes each send once-only."""
 
@@ -220,6 +235,6 @@ def bind(config: Config) -> Database:
 def reset() -> None:
     """Empty every table (tests share one mapped database per process)."""
     with db_session:
-        for entity in (LogEntry, Notification, SubdomainHold, Job, AnsibleRun, StripeEvent,
-                       Instance, Subscription, Customer):
+        for entity in (LogEntry, HealthCheck, Notification, SubdomainHold, Job, AnsibleRun,
+                       StripeEvent, Instance, Subscription, Customer):
             entity.select().delete(bulk=True)

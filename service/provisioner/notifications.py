@@ -25,6 +25,7 @@ SUBJECTS = {
     "restored": "Your store {site_name} is back online",
     "closed": "Your store {site_name} is closed",
     "admin_attention": "[provisioner] store {subdomain} needs attention",
+    "admin_unhealthy": "[provisioner] store {subdomain} is unhealthy",
 }
 
 
@@ -40,7 +41,7 @@ def send_notice(config: Config, instance: Instance, notice: str, key: str = "-")
         return False
     if notice == "welcome" and instance.welcome_sent_at is not None:
         return False
-    recipient = config.admin_notify_email if notice == "admin_attention" else \
+    recipient = config.admin_notify_email if notice.startswith("admin_") else \
         instance.admin_email
     if not recipient:
         LogEntry(instance=instance, level="warning",

@@ -43,7 +43,9 @@ class RunResult:
 def settings_vars(config: Config) -> dict:
     """Role inputs that come from the service's configuration."""
     return {
-        "ebuilder_instance_image": config.ebuilder_image,
+        # Not ebuilder_instance_image: extra vars would beat each store's own image.
+        "provisioner_default_image": config.ebuilder_image,
+        "ebuilder_instance_health_retries": config.health_wait_seconds,
         "ebuilder_instance_data_root": str(config.customer_data_root),
         "ebuilder_instance_network": config.container_network,
         "ebuilder_instance_base_domain": config.base_domain,
@@ -113,7 +115,8 @@ def run_playbook(config: Config, playbook: str, stores: list[dict], secrets: dic
             private_data_dir=str(private_dir),
             ident=ident,
             playbook=str(config.playbooks_dir / playbook),
-            inventory=str(config.inventory_dir),
+            # The Docker hosts only: the stores of this run come as provisioner_stores.
+            inventory=str(config.inventory_file),
             limit=limit,
             forks=config.ansible_forks,
             envvars={

@@ -19,16 +19,9 @@ from provisioner.config import Config
 from provisioner.models import AnsibleRun, Instance, Job, LogEntry, utcnow
 from provisioner.playbook_runs import artifact_dir, new_ident, run_playbook
 from provisioner.redaction import redact
+from provisioner.runs import recorded_run
 
 log = logging.getLogger(__name__)
-
-TASK_OUTCOMES = {
-    "runner_on_ok": "ok",
-    "runner_on_failed": "failed",
-    "runner_on_unreachable": "unreachable",
-    "runner_on_skipped": "skipped",
-}
-
 
 def store_vars(instance: Instance) -> dict:
     """What a playbook needs to know about a store (never its secrets)."""
@@ -39,7 +32,22 @@ def store_vars(instance: Instance) -> dict:
         "admin_email": instance.admin_email,
         "port": instance.port,
         "docker_host": instance.docker_host,
+        **({"image": instance.image} if instance.image else {}),
     }
+
+
+VHOST_OF_STATE = {lifecycle.SUSPENDED: "suspended", lifecycle.CANCELLED: "closed"}
+
+
+def store_record(config: Config, instance: Instance) -> dict:
+    """store_vars plus where the store should be: for sync, nginx and the DB inventory."""
+    desired = instance.desired_state
+    state = desired if desired in lifecycle.CONVERGED else instance.status
+    if instance.admin_hold and state == lifecycle.RUNNING:
+        state = "stopped"
+    return {**store_vars(instance), "image": instance.image or config.ebuilder_image,
+            "state": state, "vhost": VHOST_OF_STATE.get(state, "present"),
+            "page": VHOST_OF_STATE.get(state, "suspended")}
 
 
 def recover_abandoned() -> int:
@@ -65,9 +73,12 @@ class Worker:
 
     # -- loop ----------------------------------------------------------------
 
-    def run_forever(self, stop: threading.Event) -> None:
+    def run_forever(self, stop: threading.Event, paused: threading.Event | None = None) -> None:
         recover_abandoned()
         while not stop.is_set():
+            if paused is not None and paused.is_set():
+                stop.wait(0.2)
+                continue
             try:
                 self.run_once()
             except Exception:  # keep the worker alive; the job records say what failed
@@ -105,6 +116,9 @@ class Worker:
                         self._fail(job_id, f"{type(exc).__name__}: {exc}")
             for job_id in by_kind.pop("notify", []):
                 self._one(job_id, self._notify)
+            for kind in MAINTENANCE:
+                for job_id in by_kind.pop(kind, []):
+                    self._one(job_id, self._maintenance)
             for kind, ids in by_kind.items():
                 for job_id in ids:
                     self._fail(job_id, f"unknown job kind {kind!r}")
@@ -127,6 +141,12 @@ class Worker:
     def _reconcile(self, job: Job) -> None:
         if job.instance.live:
             lifecycle.reconcile(job.instance, self.config)
+
+    def _maintenance(self, job: Job) -> None:
+        """A scheduled health/sync/nginx/cleanup run: the CLI's functions, logged."""
+        report = run_maintenance(self.config, job.kind, self.run_playbook)
+        LogEntry(job=job, level="warning" if report.failed else "info",
+                 message="\n".join([report.summary(), *report.lines])[:4000])
 
     def _notify(self, job: Job) -> None:
         notice, _, key = (job.detail or "").partition("|")
@@ -242,21 +262,14 @@ class Worker:
             flush()
             redact_values = self._secrets_of(Job[j].instance for j in job_ids)
             run_id = run.id
-        sink = _EventSink(run_id, hosts, redact_values)
         try:
-            result = self.run_playbook(self.config, playbook, stores, secrets,
-                                       on_event=sink, ident=ident)
+            result = recorded_run(self.config, playbook, stores, secrets, runner=self.run_playbook,
+                                  ident=ident, run_id=run_id, redact_values=redact_values,
+                                  job_of={name: job for name, (_, job) in hosts.items()})
         except Exception as exc:  # ansible-runner itself failed: every job retries
-            with db_session:
-                AnsibleRun[run_id].status = "error"
-                AnsibleRun[run_id].finished_at = utcnow()
             for _, job_id in hosts.values():
                 self._fail(job_id, f"ansible-runner: {type(exc).__name__}: {exc}")
             return
-        with db_session:
-            run = AnsibleRun[run_id]
-            run.status, run.rc, run.finished_at = result.status, result.rc, utcnow()
-            run.artifact_dir = str(result.artifact_dir)
         for name, (instance_id, job_id) in hosts.items():
             outcome = result.hosts[name]
             if not outcome.ok:
@@ -271,6 +284,32 @@ class Worker:
 
 
 ADMIN_ACTIONS = ("start", "stop", "restart")
+MAINTENANCE = ("health", "sync", "nginx", "cleanup")
+
+
+def run_maintenance(config: Config, kind: str, runner=run_playbook, progress=None):
+    """One maintenance operation by name (job kinds and CLI commands share these)."""
+    from provisioner import maintenance
+
+    progress = progress or (lambda line: None)
+    if kind == "health":
+        return maintenance.health_sweep(config, runner, progress)
+    if kind == "sync":
+        return maintenance.sync(config, progress)
+    if kind == "nginx":
+        return maintenance.regenerate_vhosts(config, runner, progress)
+    if kind == "cleanup":
+        report = maintenance.Report("cleanup")
+        with db_session:
+            names = lifecycle.schedule_deletions()
+        report.counts["due for deletion"] = len(names)
+        report.lines += [f"{name}: archive then destroy queued" for name in names]
+        for part in (maintenance.remove_orphans(config, progress),
+                     maintenance.rotate_artifacts(config)):
+            report.counts.update(part.counts)
+            report.lines += part.lines
+        return report
+    raise ValueError(f"unknown maintenance {kind!r}")
 
 
 def _acted(instance: Instance, action: str) -> None:
@@ -289,40 +328,9 @@ def _mark_destroyed(instance: Instance, archive: str | None) -> None:
     LogEntry(instance=instance, message=f"destroyed; data archived to {archive}")
 
 
-class _EventSink:
-    """Streams ansible-runner task events into the provisioning log as they happen."""
-
-    def __init__(self, run_id: int, hosts: dict[str, tuple[int, int]], secrets: list[str]):
-        self.run_id = run_id
-        self.hosts = hosts
-        self.secrets = secrets
-
-    def __call__(self, event: dict) -> None:
-        outcome = TASK_OUTCOMES.get(event.get("event", ""))
-        if outcome is None:
-            return
-        data = event.get("event_data") or {}
-        host = data.get("host", "")
-        res = data.get("res") or {}
-        if outcome == "ok" and res.get("changed"):
-            outcome = "changed"
-        instance_id, job_id = self.hosts.get(host, (None, None))
-        message = f"{data.get('task', '')}: {outcome}"
-        if outcome in ("failed", "unreachable"):
-            detail = res.get("censored") or res.get("msg") or res.get("stderr") or ""
-            message += f": {detail}"
-        try:
-            with db_session:
-                LogEntry(level="error" if outcome in ("failed", "unreachable") else "info",
-                         message=redact(message, self.secrets)[:4000], instance=instance_id,
-                         job=job_id, ansible_run=self.run_id, task=data.get("task"),
-                         outcome=outcome, duration=data.get("duration"))
-        except Exception:  # a log write must never break the run it describes
-            log.exception("could not record ansible event")
-
-
-def serve_worker(config: Config, stop: threading.Event, wake: threading.Event) -> threading.Thread:
-    thread = threading.Thread(target=Worker(config, wake).run_forever, args=(stop,),
+def serve_worker(config: Config, stop: threading.Event, wake: threading.Event,
+                 paused: threading.Event | None = None) -> threading.Thread:
+    thread = threading.Thread(target=Worker(config, wake).run_forever, args=(stop, paused),
                               name="provisioner-worker", daemon=True)
     thread.start()
     return thread

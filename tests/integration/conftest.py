@@ -98,6 +98,8 @@ class Service:
     nginx: LocalNginx
     smtp: SMTPSink
     wake_event: threading.Event
+    paused: threading.Event
+    env: dict
     webhook_times: list[float] = field(default_factory=list)
 
     def api(self, method: str, path: str) -> tuple[int, object]:
@@ -115,6 +117,14 @@ class Service:
             return status, json.loads(body)
         except json.JSONDecodeError:
             return status, body.decode()
+
+    def cli(self, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+        """Run the `provisioner` command with the service's settings."""
+        bin_dir = Path(sys.executable).parent
+        return subprocess.run([str(bin_dir / "provisioner"), *args], capture_output=True,
+                              text=True, timeout=600,
+                              env={**self.env, **(env or {}),
+                                   "PATH": f"{bin_dir}:{self.env.get('PATH', '')}"})
 
     def wake(self) -> None:
         """Tell the worker there is work (as the webhook does)."""
@@ -173,28 +183,37 @@ def localstripe():
 
 
 @pytest.fixture(scope="session")
-def live_config(base_env, config, nginx, smtp, localstripe, tmp_path_factory):
-    env = {**base_env, **nginx.settings(),
+def live_config(live_env, tmp_path_factory):
+    return load_config(live_env, env_file=tmp_path_factory.mktemp("noenv2") / ".env")
+
+
+@pytest.fixture(scope="session")
+def live_env(base_env, config, nginx, smtp, localstripe, tmp_path_factory):
+    """The settings of the live service, also given to CLI subprocesses."""
+    return {**base_env, **nginx.settings(),
+           "ADMIN_NOTIFY_EMAIL": "ops@example.com",
+           "HEALTH_WAIT_SECONDS": "15",
            "STRIPE_SECRET_KEY": "sk_test_localstripe", "STRIPE_API_BASE": localstripe,
            "PROVISIONER_ADMIN_USER": "admin", "PROVISIONER_ADMIN_PASSWORD": ADMIN_PASSWORD,
            "CUSTOMER_DATA_ROOT": str(tmp_path_factory.mktemp("customers")),
            "CONTAINER_NETWORK": "ebuilder_test",
            "BACKUP_ROOT": str(tmp_path_factory.mktemp("backups") / "archives"),
            "JOB_MAX_ATTEMPTS": "2",
-           "EMAIL_HOST": "127.0.0.1", "EMAIL_PORT": str(smtp[1])}
-    return load_config(env, env_file=tmp_path_factory.mktemp("noenv2") / ".env")
+           "EMAIL_HOST": "127.0.0.1", "EMAIL_PORT": str(smtp[1]),
+           "PROVISIONER_ENV_FILE": str(tmp_path_factory.mktemp("noenv3") / ".env")}
 
 
 @pytest.fixture(scope="session")
-def service(live_config, nginx, smtp):
-    stop, wake = threading.Event(), threading.Event()
-    worker = serve_worker(live_config, stop, wake)
+def service(live_config, live_env, nginx, smtp):
+    stop, wake, paused = threading.Event(), threading.Event(), threading.Event()
+    worker = serve_worker(live_config, stop, wake, paused)
     port = free_port()
     server = wsgi.Server(("127.0.0.1", port), create_app(live_config, wake=wake), numthreads=4)
     thread = threading.Thread(target=server.start, daemon=True)
     thread.start()
     wait_for_port(port)
-    yield Service(f"http://127.0.0.1:{port}", live_config, nginx, smtp[0], wake)
+    yield Service(f"http://127.0.0.1:{port}", live_config, nginx, smtp[0], wake, paused,
+                  live_env)
     server.stop()
     stop.set()
     worker.join(timeout=60)

@@ -1,0 +1,66 @@
+#!/usr/bin/env python3
+"""Ansible inventory of the provisioner's stores, read from its database.
+
+    ansible-inventory -i inventory --list
+    ansible-playbook -i inventory playbooks/restart.yml --limit janes-shop
+
+Each live store is a host in group `stores` (and `docker_host_<name>`, and
+`state_<state>`), connecting like the Docker host it lives on (hosts.yml),
+with its provisioner_store record as vars. Never a secret. Runs with the
+provisioner's Python and configuration (.env or environment), so activate
+its venv first.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+CONNECTION_VARS = ("ansible_connection", "ansible_host", "ansible_port", "ansible_user",
+                   "ansible_python_interpreter", "ebuilder_instance_docker_host")
+
+
+def docker_host_vars(path: Path) -> dict[str, dict]:
+    data = yaml.safe_load(path.read_text()) or {}
+    group = data.get("docker_hosts") or {}
+    shared = group.get("vars") or {}
+    return {name: {k: v for k, v in {**shared, **(host or {})}.items() if k in CONNECTION_VARS}
+            for name, host in (group.get("hosts") or {}).items()}
+
+
+def inventory() -> dict:
+    try:
+        from pony.orm import db_session
+
+        from provisioner import models
+        from provisioner.config import ConfigError, load_config
+        from provisioner.worker import store_record
+    except ImportError:
+        sys.exit("inventory/stores.py needs the provisioner's Python: source .venv/bin/activate")
+    try:
+        config = load_config()
+        models.bind(config)
+    except ConfigError as exc:
+        sys.exit(f"inventory/stores.py: configuration error: {exc}")
+    hosts = docker_host_vars(Path(__file__).with_name("hosts.yml"))
+    result: dict = {"stores": {"hosts": []}, "_meta": {"hostvars": {}}}
+    with db_session:
+        for instance in models.Instance.select(lambda i: i.live).order_by(models.Instance.id):
+            record = store_record(config, instance)
+            name = record["name"]
+            result["stores"]["hosts"].append(name)
+            for group in (f"docker_host_{instance.docker_host}", f"state_{record['state']}"):
+                result.setdefault(group.replace("-", "_"), {"hosts": []})["hosts"].append(name)
+            result["_meta"]["hostvars"][name] = {**hosts.get(instance.docker_host, {}),
+                                                 "provisioner_store": record}
+    return result
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--host":
+        print("{}")
+    else:
+        print(json.dumps(inventory(), indent=2))

@@ -1,0 +1,271 @@
+"""The seed's maintenance commands, done through the playbooks: health, sync,
+nginx and cleanup. The CLI and the scheduled jobs call the same functions."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from pony.orm import db_session, flush
+
+from provisioner import docker_hosts, jobs, lifecycle
+from provisioner.config import Config
+from provisioner.models import AnsibleRun, HealthCheck, Instance, LogEntry, utcnow
+from provisioner.playbook_runs import run_playbook
+from provisioner.runs import recorded_run
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class Report:
+    """What a maintenance run did, for the CLI's summary and the job log."""
+
+    name: str
+    seconds: float = 0.0
+    counts: dict[str, int] = field(default_factory=dict)
+    lines: list[str] = field(default_factory=list)
+    failed: bool = False
+
+    def summary(self) -> str:
+        counts = ", ".join(f"{v} {k}" for k, v in self.counts.items())
+        return f"{self.name}: {counts or 'nothing to do'} in {self.seconds:.1f} s"
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def _running_stores() -> list[Instance]:
+    return list(Instance.select(lambda i: i.live and i.status == lifecycle.RUNNING
+                                and not i.admin_hold).order_by(Instance.id))
+
+
+def health_sweep(config: Config, runner=run_playbook, progress: Progress = _quiet) -> Report:
+    """Check every running store through nginx; restart a newly unhealthy one once,
+    alert the admin after HEALTH_ALERT_AFTER failures in a row."""
+    from provisioner.worker import store_vars
+
+    report = Report("health", counts={"healthy": 0, "unhealthy": 0})
+    started = time.perf_counter()
+    with db_session:
+        stores = [store_vars(i) for i in _running_stores()]
+    if not stores:
+        return report
+    progress(f"checking {len(stores)} store(s) in one playbook run…")
+    result = recorded_run(config, "health.yml", stores, runner=runner)
+    to_restart = []
+    with db_session:
+        for store in stores:
+            instance = Instance[int(store["instance_id"])]
+            outcome = result.hosts[store["name"]]
+            if outcome.ok:
+                instance.health_failures = 0
+                HealthCheck(instance=instance, ok=True, detail="healthy")
+                report.counts["healthy"] = report.counts.get("healthy", 0) + 1
+                continue
+            instance.health_failures += 1
+            check = HealthCheck(instance=instance, ok=False, detail=outcome.error)
+            flush()
+            if instance.health_failures == 1:
+                check.action = "restart"
+                to_restart.append(store)
+            if instance.health_failures >= config.health_alert_after:
+                check.action = "alert"
+                instance.status_message = (f"unhealthy {instance.health_failures} times in a "
+                                           f"row: {outcome.error}")
+                # One alert per streak of failures: keyed by the streak's first check.
+                last_ok = max((h.id for h in instance.health_checks if h.ok), default=0)
+                first = min(h.id for h in instance.health_checks if not h.ok and h.id > last_ok)
+                lifecycle.notify(instance, "admin_unhealthy", key=f"check-{first}")
+            report.counts["unhealthy"] = report.counts.get("unhealthy", 0) + 1
+            report.lines.append(f"{store['name']}: {outcome.error}"
+                                + (f" -> {check.action}" if check.action else ""))
+            report.failed = True
+    if to_restart:
+        progress(f"restarting {len(to_restart)} unhealthy store(s)…")
+        restarted = recorded_run(config, "restart.yml", to_restart, runner=runner)
+        with db_session:
+            for store in to_restart:
+                outcome = restarted.hosts[store["name"]]
+                if outcome.ok:
+                    # restart.yml waited for /health/: the streak of failures is over.
+                    Instance[int(store["instance_id"])].health_failures = 0
+                LogEntry(instance=int(store["instance_id"]),
+                         level="info" if outcome.ok else "error",
+                         message="health: restarted after a failed check: "
+                                 + ("ok" if outcome.ok else outcome.error or "failed"))
+        report.counts["restarted"] = len(to_restart)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def containers_on(config: Config, host: docker_hosts.DockerHost) -> dict[str, dict]:
+    """Our containers (by label) on one Docker host: name -> {state, instance_id}."""
+    output = subprocess.run(
+        ["docker", "-H", host.url, "ps", "-a", "--filter", "label=ebuilder.managed=true",
+         "--format", "{{json .}}"], capture_output=True, text=True, timeout=60, check=True).stdout
+    found = {}
+    for line in output.splitlines():
+        row = json.loads(line)
+        labels = dict(part.split("=", 1) for part in row.get("Labels", "").split(",")
+                      if "=" in part)
+        found[row["Names"]] = {"state": row.get("State"), "labels": labels}
+    return found
+
+
+def sync(config: Config, progress: Progress = _quiet) -> Report:
+    """Compare Docker with the DB: queue re-provisioning of stores whose container is
+    missing or in the wrong state; report containers we do not know."""
+    report = Report("sync")
+    started = time.perf_counter()
+    reality: dict[str, dict[str, dict]] = {}
+    for host in docker_hosts.load_hosts(config):
+        progress(f"reading containers on {host.name}…")
+        reality[host.name] = containers_on(config, host)
+    with db_session:
+        known = {(i.docker_host, i.container_name) for i in Instance.select(lambda i: i.live)}
+        for instance in Instance.select(lambda i: i.live and i.provisioned_at is not None):
+            if instance.admin_hold or instance.desired_state not in lifecycle.CONVERGED:
+                continue
+            container = reality.get(instance.docker_host, {}).get(instance.container_name)
+            should_run = instance.desired_state == lifecycle.RUNNING
+            if container is None:
+                problem = "container missing"
+            elif (container["state"] == "running") != should_run:
+                problem = f"container {container['state']}, should be {instance.desired_state}"
+            else:
+                report.counts["in step"] = report.counts.get("in step", 0) + 1
+                continue
+            instance.set_status("provisioning" if should_run else instance.status,
+                                f"sync: {problem}")
+            if not should_run:
+                instance.status = "out_of_step"
+            LogEntry(instance=instance, level="warning", message=f"sync: {problem}; converging")
+            jobs.enqueue("converge", instance=instance)
+            report.lines.append(f"{instance.subdomain}: {problem} -> converge queued")
+            report.counts["corrected"] = report.counts.get("corrected", 0) + 1
+    for host, containers in reality.items():
+        for name, info in containers.items():
+            if (host, name) not in known:
+                report.lines.append(f"{name} on {host}: ours by label, unknown to the DB "
+                                    f"({info['state']})")
+                report.counts["unknown"] = report.counts.get("unknown", 0) + 1
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def regenerate_vhosts(config: Config, runner=run_playbook, progress: Progress = _quiet) -> Report:
+    """Every live store's vhost for its state, one nginx -t and reload per host."""
+    from provisioner.worker import store_record
+
+    report = Report("nginx")
+    started = time.perf_counter()
+    with db_session:
+        stores = [store_record(config, i) for i in Instance.select(
+            lambda i: i.live and i.provisioned_at is not None).order_by(Instance.id)]
+    if stores:
+        progress(f"rendering {len(stores)} vhost(s) in one playbook run…")
+        result = recorded_run(config, "nginx.yml", stores, runner=runner)
+        report.counts["vhosts"] = len(stores)
+        report.counts["changed"] = sum(h.changed for h in result.hosts.values())
+        if result.status != "successful":
+            report.failed = True
+            report.lines.append(f"nginx.yml {result.status}: "
+                                + "; ".join(h.error or "" for h in result.hosts.values()
+                                            if not h.ok) or f"rc {result.rc}")
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def remove_orphans(config: Config, progress: Progress = _quiet) -> Report:
+    """Remove stopped containers labelled as ours that the DB does not know."""
+    report = Report("orphans")
+    with db_session:
+        known = {(i.docker_host, i.container_name) for i in Instance.select(lambda i: i.live)}
+    for host in docker_hosts.load_hosts(config):
+        for name, info in containers_on(config, host).items():
+            if (host.name, name) in known or info["state"] == "running":
+                continue
+            subprocess.run(["docker", "-H", host.url, "rm", name], capture_output=True,
+                           check=True, timeout=60)
+            report.lines.append(f"removed stopped orphan {name} on {host.name}")
+            report.counts["removed"] = report.counts.get("removed", 0) + 1
+    return report
+
+
+def rotate_artifacts(config: Config) -> Report:
+    """Drop ansible run dirs and log entries older than ARTIFACT_RETENTION_DAYS."""
+    report = Report("rotation")
+    cutoff = utcnow() - timedelta(days=config.artifact_retention_days)
+    with db_session:
+        for run in AnsibleRun.select(lambda r: r.started_at < cutoff):
+            run_dir = config.ansible_runs_dir / run.ident
+            if run_dir.is_dir():
+                shutil.rmtree(run_dir)
+                report.counts["run dirs"] = report.counts.get("run dirs", 0) + 1
+        old = LogEntry.select(lambda e: e.at < cutoff)
+        count = old.count()
+        old.delete(bulk=True)
+        if count:
+            report.counts["log entries"] = count
+    return report
+
+
+def upgrade(config: Config, image: str, batch: int, runner=run_playbook,
+            progress: Progress = _quiet) -> Report:
+    """Roll `image` over the running stores, `batch` at a time, each batch healthy
+    (the role waits for /health/, then the check through nginx) before the next.
+    A store that fails goes back to its previous image and the rollout stops."""
+    from provisioner.worker import store_vars
+
+    report = Report("upgrade")
+    started = time.perf_counter()
+    with db_session:
+        targets = [(i.id, i.image or config.ebuilder_image) for i in _running_stores()
+                   if (i.image or config.ebuilder_image) != image]
+    report.counts["to upgrade"] = len(targets)
+    for first in range(0, len(targets), batch):
+        chunk = targets[first:first + batch]
+        with db_session:
+            stores = [{**store_vars(Instance[i]), "image": image} for i, _ in chunk]
+        progress(f"batch {first // batch + 1}: {', '.join(s['name'] for s in stores)} -> {image}")
+        result = recorded_run(config, "provision.yml", stores, runner=runner)
+        failed = []
+        with db_session:
+            for (instance_id, previous), store in zip(chunk, stores, strict=True):
+                instance = Instance[instance_id]
+                outcome = result.hosts[store["name"]]
+                if outcome.ok:
+                    instance.image = image
+                    LogEntry(instance=instance, message=f"upgraded {previous} -> {image}")
+                    report.counts["upgraded"] = report.counts.get("upgraded", 0) + 1
+                else:
+                    failed.append({**store, "image": previous})
+                    LogEntry(instance=instance, level="error",
+                             message=f"upgrade to {image} failed: {outcome.error}; rolling back")
+                    report.lines.append(f"{store['name']}: {image} failed ({outcome.error})")
+        if failed:
+            progress(f"rolling back {len(failed)} store(s) and stopping the rollout…")
+            back = recorded_run(config, "provision.yml", failed, runner=runner)
+            with db_session:
+                for store in failed:
+                    ok = back.hosts[store["name"]].ok
+                    instance = Instance[int(store["instance_id"])]
+                    instance.image = store["image"] if store["image"] != config.ebuilder_image \
+                        else None
+                    if not ok:
+                        instance.set_status("failed", f"rollback to {store['image']} failed")
+                    report.lines.append(f"{store['name']}: rolled back to {store['image']}"
+                                        + ("" if ok else " (FAILED)"))
+            report.counts["rolled back"] = len(failed)
+            report.counts["not attempted"] = len(targets) - first - len(chunk)
+            report.failed = True
+            break
+    report.seconds = time.perf_counter() - started
+    return report

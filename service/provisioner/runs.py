@@ -1,0 +1,100 @@
+"""Playbook runs as the provisioning log sees them: an AnsibleRun row, its task
+events streamed into LogEntry rows as they happen, its outcome recorded.
+Every run the service or a CLI command starts goes through here."""
+
+from __future__ import annotations
+
+import logging
+
+from pony.orm import db_session, flush, select
+
+from provisioner.config import Config
+from provisioner.models import AnsibleRun, Instance, LogEntry, utcnow
+from provisioner.playbook_runs import RunResult, artifact_dir, new_ident, run_playbook
+from provisioner.redaction import redact
+
+log = logging.getLogger(__name__)
+
+TASK_OUTCOMES = {
+    "runner_on_ok": "ok",
+    "runner_on_failed": "failed",
+    "runner_on_unreachable": "unreachable",
+    "runner_on_skipped": "skipped",
+}
+
+
+def _instance_id(store: dict) -> int | None:
+    try:
+        return int(store["instance_id"])
+    except (KeyError, ValueError):
+        return None
+
+
+def recorded_run(config: Config, playbook: str, stores: list[dict], secrets: dict | None = None,
+                 *, runner=run_playbook, ident: str | None = None, run_id: int | None = None,
+                 redact_values: list[str] | None = None,
+                 job_of: dict[str, int] | None = None) -> RunResult:
+    """Run a playbook for `stores`, recording it; `run_id` reuses a row made by the caller."""
+    ident = ident or new_ident(playbook)
+    with db_session:
+        if run_id is None:
+            run = AnsibleRun(ident=ident, playbook=playbook,
+                             artifact_dir=str(artifact_dir(config, ident)))
+            flush()
+            run_id = run.id
+        ids = [n for n in (_instance_id(s) for s in stores) if n is not None]
+        known_ids = set(select(i.id for i in Instance if i.id in ids)) if ids else set()
+    hosts = {}
+    for store in stores:
+        instance_id = _instance_id(store)
+        hosts[store["name"]] = (instance_id if instance_id in known_ids else None,
+                                (job_of or {}).get(store["name"]))
+    values = list(redact_values or []) + config.secrets() + [
+        s.get("admin_password", "") for s in (secrets or {}).values()]
+    sink = _EventSink(run_id, hosts, values)
+    try:
+        result = runner(config, playbook, stores, secrets, on_event=sink, ident=ident)
+    except Exception:
+        with db_session:
+            AnsibleRun[run_id].status = "error"
+            AnsibleRun[run_id].finished_at = utcnow()
+        raise
+    with db_session:
+        run = AnsibleRun[run_id]
+        run.status, run.rc, run.finished_at = result.status, result.rc, utcnow()
+        run.artifact_dir = str(result.artifact_dir)
+    return result
+
+
+class _EventSink:
+    """Streams ansible-runner task events into the provisioning log as they happen."""
+
+    def __init__(self, run_id: int, hosts: dict[str, tuple[int, int]], secrets: list[str]):
+        self.run_id = run_id
+        self.hosts = hosts
+        self.secrets = secrets
+
+    def __call__(self, event: dict) -> None:
+        outcome = TASK_OUTCOMES.get(event.get("event", ""))
+        if outcome is None:
+            return
+        data = event.get("event_data") or {}
+        host = data.get("host", "")
+        res = data.get("res") or {}
+        if outcome == "ok" and res.get("changed"):
+            outcome = "changed"
+        instance_id, job_id = self.hosts.get(host, (None, None))
+        message = f"{data.get('task', '')}: {outcome}"
+        if outcome in ("failed", "unreachable"):
+            detail = res.get("censored") or res.get("msg") or res.get("stderr") or ""
+            message += f": {detail}"
+        try:
+            with db_session:
+                LogEntry(level="error" if outcome in ("failed", "unreachable") else "info",
+                         message=redact(message, self.secrets)[:4000], instance=instance_id,
+                         job=job_id, ansible_run=self.run_id, task=data.get("task"),
+                         outcome=outcome, duration=data.get("duration"))
+        except Exception:  # a log write must never break the run it describes
+            log.exception("could not record ansible event")
+
+
