@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pony.orm import count, desc, flush, select
 
-from provisioner import jobs, lifecycle
+from provisioner import docker_hosts, jobs, lifecycle
 from provisioner.config import Config
 from provisioner.models import (
     AnsibleRun,
@@ -185,7 +185,10 @@ def job_detail(job_id: int) -> dict:
 # -- live checks against Docker ---------------------------------------------
 
 def _docker(config: Config, instance: Instance, *args: str) -> str:
-    result = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=30)
+    """`docker` against the engine the store lives on."""
+    url = docker_hosts.host_url(config, instance.docker_host)
+    result = subprocess.run(["docker", "-H", url, *args], capture_output=True, text=True,
+                            timeout=30)
     if result.returncode != 0:
         raise RuntimeError(result.stderr.strip() or f"docker {args[0]} failed")
     return result.stdout
