@@ -40,7 +40,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = _configure()
     stop, wake = threading.Event(), threading.Event()
-    serve_worker(config, stop, wake)
+    if not args.no_worker:
+        serve_worker(config, stop, wake)
     scheduler.run(config, stop, wake)
     server = wsgi.Server((args.host, args.port), create_app(config, wake=wake), numthreads=8)
     _stop_on_signals(stop)
@@ -141,6 +142,18 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
     return _finish(maintenance.upgrade(config, image, args.batch, progress=_progress))
 
 
+def cmd_ansible_vars(args: argparse.Namespace) -> int:
+    """The service's settings as Ansible variables, for a sysadmin's group_vars."""
+    import yaml
+
+    from provisioner.playbook_runs import settings_vars
+
+    config = _configure()
+    print("---\n# Written by `provisioner ansible-vars` from the provisioner's settings.")
+    print(yaml.safe_dump(settings_vars(config), default_flow_style=False, sort_keys=True), end="")
+    return 0
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
     """Counts for the terminal, or JSON for scripts."""
     import json
@@ -178,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     serve = sub.add_parser("serve", help="web service + worker in one process")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--no-worker", action="store_true",
+                       help="web and scheduler only (a `provisioner worker` runs apart)")
     serve.set_defaults(func=cmd_serve)
     worker = sub.add_parser("worker", help="run the job worker only")
     worker.set_defaults(func=cmd_worker)
@@ -194,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     upgrade.add_argument("--image", help="image to roll out (default: EBUILDER_IMAGE)")
     upgrade.add_argument("--batch", type=int, default=1, help="stores per batch")
     upgrade.set_defaults(func=cmd_upgrade)
+    ansible_vars = sub.add_parser("ansible-vars",
+                                  help="print settings as Ansible vars (inventory/group_vars)")
+    ansible_vars.set_defaults(func=cmd_ansible_vars)
     stats = sub.add_parser("stats", help="counts per state, revenue, failures")
     stats.add_argument("--json", action="store_true")
     stats.set_defaults(func=cmd_stats)

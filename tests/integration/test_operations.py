@@ -13,7 +13,6 @@ from pathlib import Path
 from pony.orm import db_session, select
 
 from provisioner.models import AnsibleRun, HealthCheck, Instance
-from provisioner.playbook_runs import settings_vars
 from provisioner.testing import stripe_events
 from tests.integration.conftest import (
     docker,
@@ -147,9 +146,11 @@ def test_stats_table_and_json(service):
 def sysadmin(service, *args):
     """ansible-playbook / ansible-inventory as a sysadmin runs them, with the DB inventory."""
     bin_dir = Path(sys.executable).parent
-    settings = PROJECT / "test-artifacts" / "settings.json"
+    settings = PROJECT / "test-artifacts" / "group_vars.yml"
     settings.parent.mkdir(exist_ok=True)
-    settings.write_text(json.dumps(settings_vars(service.config)))
+    written = service.cli("ansible-vars")
+    assert written.returncode == 0, written.stderr
+    settings.write_text(written.stdout)
     command = [str(bin_dir / args[0]), "-i", "inventory", *args[1:]]
     if args[0] == "ansible-playbook":
         command += ["-e", f"@{settings}"]
