@@ -47,8 +47,10 @@ def poll(condition, timeout: float = 120, interval: float = 0.1, what: str = "co
 
 
 def docker(*args: str) -> str:
-    return subprocess.run(["docker", *args], check=True, capture_output=True,
-                          text=True).stdout.strip()
+    result = subprocess.run(["docker", *args], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise AssertionError(f"docker {' '.join(args[:2])} failed: {result.stderr.strip()}")
+    return result.stdout.strip()
 
 
 def inspect(name: str) -> dict:

@@ -24,6 +24,19 @@ def register_webhook(localstripe: str, url: str) -> None:
         assert response.status == 200
 
 
+def paying_customer(client: stripe.StripeClient, email: str):
+    """A customer with a card and an active £12/month subscription, made in localstripe."""
+    product = client.v1.products.create(params={"name": "eBuilder store"})
+    plan = client.v1.plans.create(params={"product": product.id, "amount": 1200,
+                                          "currency": "gbp", "interval": "month"})
+    token = client.v1.tokens.create(params={"card": {
+        "number": "4242424242424242", "exp_month": 12, "exp_year": 2030, "cvc": "123"}})
+    customer = client.v1.customers.create(params={"email": email, "source": token.id})
+    subscription = client.v1.subscriptions.create(
+        params={"customer": customer.id, "items": [{"plan": plan.id}]})
+    return customer, subscription
+
+
 @pytest.fixture
 def webhook(service, localstripe):
     """localstripe delivers to the service for the length of one test."""
@@ -37,15 +50,7 @@ def test_localstripe_subscription_provisions_and_its_cancellation_stops_the_stor
         service, localstripe, webhook):
     client = stripe.StripeClient(service.config.stripe_secret_key,
                                  base_addresses={"api": localstripe})
-    product = client.v1.products.create(params={"name": "eBuilder store"})
-    plan = client.v1.plans.create(params={"product": product.id, "amount": 1200,
-                                          "currency": "gbp", "interval": "month"})
-    token = client.v1.tokens.create(params={"card": {
-        "number": "4242424242424242", "exp_month": 12, "exp_year": 2030, "cvc": "123"}})
-    customer = client.v1.customers.create(params={"email": "ls@example.com",
-                                                  "source": token.id})
-    subscription = client.v1.subscriptions.create(
-        params={"customer": customer.id, "items": [{"plan": plan.id}]})
+    customer, subscription = paying_customer(client, "ls@example.com")
     assert subscription.status == "active"
 
     def delivered(*types):
@@ -81,15 +86,7 @@ def test_localstripe_subscription_provisions_and_its_cancellation_stops_the_stor
 def test_event_for_an_unknown_customer_is_reconciled_from_stripe(service, localstripe):
     client = stripe.StripeClient(service.config.stripe_secret_key,
                                  base_addresses={"api": localstripe})
-    product = client.v1.products.create(params={"name": "eBuilder store"})
-    plan = client.v1.plans.create(params={"product": product.id, "amount": 1200,
-                                          "currency": "gbp", "interval": "month"})
-    token = client.v1.tokens.create(params={"card": {
-        "number": "4242424242424242", "exp_month": 12, "exp_year": 2030, "cvc": "123"}})
-    customer = client.v1.customers.create(params={"email": "unknown@example.com",
-                                                  "source": token.id})
-    subscription = client.v1.subscriptions.create(
-        params={"customer": customer.id, "items": [{"plan": plan.id}]})
+    customer, subscription = paying_customer(client, "unknown@example.com")
     # An invoice event is all we get (others lost); the customer is new to us.
     invoice = stripe_events.invoice(customer=customer.id, subscription="sub_other",
                                     status="open")

@@ -23,6 +23,7 @@ from tests.integration.conftest import https_request
 ROOT = Path("/run/ebtest-engine2")
 DATA_ROOT = Path("/var/lib/ebtest-engine2")
 SOCKET = f"unix://{ROOT}/docker.sock"
+BRIDGE = "ebtest-br0"
 
 
 def docker_b(*args: str) -> str:
@@ -34,12 +35,19 @@ def docker_b(*args: str) -> str:
 def engine_b(engine):
     """A second dockerd with its own socket, data root, exec root, pid file and networks."""
     ROOT.mkdir(parents=True, exist_ok=True)
+    # Its own default bridge: with --bridge=none dockerd deletes docker0, which
+    # belongs to the first engine.
+    if subprocess.run(["ip", "link", "show", BRIDGE], capture_output=True).returncode != 0:
+        for command in (["ip", "link", "add", BRIDGE, "type", "bridge"],
+                        ["ip", "addr", "add", "172.29.255.1/24", "dev", BRIDGE],
+                        ["ip", "link", "set", BRIDGE, "up"]):
+            subprocess.run(command, check=True, capture_output=True)
     log = open(ROOT / "dockerd.log", "w")  # noqa: SIM115 (lives as long as the daemon)
     daemon = subprocess.Popen(
         ["dockerd", "--host", SOCKET, "--data-root", str(DATA_ROOT),
          "--exec-root", str(ROOT / "exec"), "--pidfile", str(ROOT / "docker.pid"),
-         "--bridge", "none", "--iptables=false", "--ip-masq=false",
-         "--default-address-pool", "base=172.29.0.0/16,size=24"],
+         "--bridge", BRIDGE, "--iptables=false", "--ip-masq=false",
+         "--default-address-pool", "base=172.29.0.0/17,size=24"],
         stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 60
@@ -62,6 +70,9 @@ def engine_b(engine):
         daemon.wait(timeout=60)
         log.close()
         shutil.rmtree(DATA_ROOT, ignore_errors=True)
+        subprocess.run(["ip", "link", "delete", BRIDGE], capture_output=True)
+        assert subprocess.run(["ip", "link", "show", "docker0"],
+                              capture_output=True).returncode == 0, "engine 1 lost docker0"
 
 
 @pytest.fixture
