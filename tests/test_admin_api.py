@@ -9,7 +9,7 @@ import pytest
 from pony.orm import db_session
 
 from provisioner.app import create_app
-from provisioner.models import AnsibleRun, Instance, Job
+from provisioner.models import AnsibleRun, HealthCheck, Instance, Job
 from provisioner.testing import stripe_events
 from tests.conftest import apply_events
 from tests.wsgi import basic, call
@@ -180,6 +180,10 @@ def test_public_status_tells_nothing_private(app, stores):
     status, body = call(app, "GET", "/api/status/")
     assert status == 200
     assert (body["stores_total"], body["stores_running"], body["service"]) == (3, 0, "up")
+    assert body["last_health_sweep"] is None
+    with db_session:
+        HealthCheck(instance=stores["alpha-shop"], ok=True)
+    assert call(app, "GET", "/api/status/")[1]["last_health_sweep"].endswith("Z")
     assert body["queue_depth"] == 3
     text = json.dumps(body)
     assert "@" not in text and "shop" not in text

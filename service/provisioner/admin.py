@@ -18,6 +18,7 @@ from provisioner.config import Config
 from provisioner.models import (
     AnsibleRun,
     Customer,
+    HealthCheck,
     Instance,
     Job,
     LogEntry,
@@ -257,6 +258,7 @@ def run_detail(config: Config, run_id: int) -> dict:
 def public_status() -> dict:
     """What anyone may know: no names, no emails."""
     last_run = AnsibleRun.select().order_by(desc(AnsibleRun.id)).first()
+    last_check = HealthCheck.select().order_by(desc(HealthCheck.id)).first()
     live = Instance.select(lambda i: i.live)
     return {
         "service": "up",
@@ -264,5 +266,6 @@ def public_status() -> dict:
         "stores_running": live.filter(lambda i: i.status == "running").count(),
         "stores_total": live.count(),
         "last_ansible_run": _iso(last_run.finished_at) if last_run else None,
+        "last_health_sweep": _iso(last_check.at) if last_check else None,
         "checked_at": _iso(utcnow()),
     }
