@@ -23,6 +23,7 @@ from provisioner.runs import recorded_run
 
 log = logging.getLogger(__name__)
 
+
 def store_vars(instance: Instance) -> dict:
     """What a playbook needs to know about a store (never its secrets)."""
     return {
