@@ -224,3 +224,33 @@ def test_admin_action_form_needs_the_csrf_token(app, stores):
     assert status == 403
     with db_session:
         assert Job.select(lambda j: j.kind == "action").count() == 0
+
+
+def test_admin_suspend_and_unsuspend_from_the_page(app, stores, admin_config):
+    import re as regex
+
+    from provisioner.worker import Worker
+    from tests.test_lifecycle import RecordingRunner
+
+    store = stores["alpha-shop"]
+    with db_session:
+        instance = Instance[store]
+        instance.provisioned_at = instance.created_at
+        instance.status = "running"
+        Job.select().delete(bulk=True)
+    _, html, _ = call(app, "GET", f"/admin/instances/{store}/", headers=AUTH, raw=True)
+    token = regex.search(rb'name="csrf" value="([0-9a-f]+)"', html).group(1).decode()
+    assert b"Health history" in html and b'id="suspend-button"' in html
+    runner = RecordingRunner()
+    for action, playbook, status, hold in (("suspend", "suspend.yml", "suspended", True),
+                                           ("unsuspend", "provision.yml", "running", False)):
+        status_code, _, headers = call(
+            app, "POST", f"/admin/instances/{store}/{action}/", body=f"csrf={token}".encode(),
+            headers={**AUTH, "Content-Type": "application/x-www-form-urlencoded"}, raw=True)
+        assert status_code == 303 and "queued" in headers["Location"]
+        Worker(admin_config, playbook_runner=runner).run_once()
+        assert runner.runs[-1][0] == playbook
+        with db_session:
+            assert (Instance[store].status, Instance[store].admin_hold) == (status, hold)
+    status_code, html, _ = call(app, "GET", "/admin/runs/", headers=AUTH, raw=True)
+    assert status_code == 200 and b"Provisioning runs" in html

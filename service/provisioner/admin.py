@@ -121,9 +121,19 @@ def instance_detail(config: Config, instance_id: int) -> dict:
     instance = get_instance(instance_id)
     recent_jobs = instance.jobs.select().order_by(desc(Job.id)).limit(20)
     recent_logs = instance.logs.select().order_by(desc(LogEntry.id)).limit(100)
+    checks = instance.health_checks.select().order_by(desc(HealthCheck.id)).limit(20)
     return {**instance_summary(config, instance),
             "jobs": [job_summary(j) for j in recent_jobs],
+            "health_history": [{"at": _iso(h.at), "ok": h.ok, "detail": h.detail,
+                                "action": h.action} for h in checks],
             "log": [log_summary(e) for e in recent_logs]}
+
+
+def list_runs(limit: int = 100) -> list[dict]:
+    return [{"id": r.id, "playbook": r.playbook, "status": r.status, "rc": r.rc,
+             "started_at": _iso(r.started_at), "finished_at": _iso(r.finished_at),
+             "stores": sorted({j.instance.subdomain for j in r.jobs if j.instance})}
+            for r in AnsibleRun.select().order_by(desc(AnsibleRun.id)).limit(limit)]
 
 
 def queue_action(instance_id: int, action: str) -> Job:
@@ -131,7 +141,8 @@ def queue_action(instance_id: int, action: str) -> Job:
     instance = get_instance(instance_id)
     if not instance.live or instance.provisioned_at is None:
         raise Conflict(f"store {instance.subdomain} has no container to {action}")
-    if action in ("start", "restart") and instance.desired_state != lifecycle.RUNNING:
+    if action in ("start", "restart", "unsuspend") and \
+            instance.desired_state != lifecycle.RUNNING:
         raise Conflict(f"billing says {instance.desired_state}: it cannot be {action}ed")
     LogEntry(instance=instance, message=f"admin queued {action}")
     job = jobs.enqueue("action", instance=instance, detail=action)

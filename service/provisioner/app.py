@@ -315,7 +315,13 @@ def create_app(config: Config, wake: threading.Event | None = None,
         return render("admin/instance.html", i=detail, health=health, csrf=csrf_token(),
                       flash=request.query.get("flash"), refresh=2 if busy else None)
 
-    @app.post("/admin/instances/<instance_id:int>/<action:re:start|stop|restart>/")
+    @app.get("/admin/runs/")
+    @admin_page
+    def runs_page():
+        with db_session:
+            return render("admin/runs.html", runs=admin.list_runs(), refresh=10)
+
+    @app.post("/admin/instances/<instance_id:int>/<action:re:start|stop|restart|suspend|unsuspend>/")
     @admin_page
     def instance_action(instance_id, action):
         check_csrf()

@@ -212,7 +212,8 @@ class Worker:
                 for job_id in ids:
                     self._fail(job_id, f"unknown action {action!r}")
                 continue
-            self._run_batch(f"{action}.yml", ids, {},
+            playbook, extra = ADMIN_ACTIONS[action]
+            self._run_batch(playbook, ids, extra,
                             on_success=lambda instance, a=action: _acted(instance, a))
 
     def _destroy(self, job_ids: list[int]) -> None:
@@ -284,7 +285,14 @@ class Worker:
                 on_success(instance)
 
 
-ADMIN_ACTIONS = ("start", "stop", "restart")
+# action -> (playbook, extra store vars)
+ADMIN_ACTIONS = {
+    "start": ("start.yml", {}),
+    "stop": ("stop.yml", {}),
+    "restart": ("restart.yml", {}),
+    "suspend": ("suspend.yml", {"page": "suspended"}),
+    "unsuspend": ("provision.yml", {}),
+}
 MAINTENANCE = ("health", "sync", "nginx", "cleanup")
 
 
@@ -314,9 +322,12 @@ def run_maintenance(config: Config, kind: str, runner=run_playbook, progress=Non
 
 
 def _acted(instance: Instance, action: str) -> None:
-    instance.admin_hold = action == "stop"
-    instance.set_status("stopped" if action == "stop" else lifecycle.RUNNING,
-                        f"{action} by an admin")
+    """Record an admin action's result; stop and suspend hold the store against billing."""
+    instance.admin_hold = action in ("stop", "suspend")
+    status = {"stop": "stopped", "suspend": lifecycle.SUSPENDED}.get(action, lifecycle.RUNNING)
+    if status == lifecycle.SUSPENDED and instance.stopped_since is None:
+        instance.stopped_since = utcnow()
+    instance.set_status(status, f"{action} by an admin")
     LogEntry(instance=instance, message=f"admin {action} done")
 
 
