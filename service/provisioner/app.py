@@ -92,11 +92,16 @@ def create_app(config: Config, wake: threading.Event | None = None,
         if on_event_recorded is not None:
             on_event_recorded()
 
-    def instance_or_404(instance_id: int) -> Instance:
+    def or_404(lookup, *args, page: bool = False):
+        """Call an admin lookup; an unknown id answers 404 (JSON for the API, text for pages)."""
         try:
-            return admin.get_instance(instance_id)
+            return lookup(*args)
         except admin.NotFound as exc:
-            raise json_response(404, {"error": str(exc)}) from None
+            raise (HTTPResponse(status=404, body=str(exc)) if page
+                   else json_response(404, {"error": str(exc)})) from None
+
+    def instance_or_404(instance_id: int) -> Instance:
+        return or_404(admin.get_instance, instance_id)
 
     # -- public API ------------------------------------------------------------
 
@@ -231,20 +236,14 @@ def create_app(config: Config, wake: threading.Event | None = None,
     @app.get("/api/jobs/<job_id:int>/")
     @admin_api
     def api_job(job_id):
-        try:
-            with db_session:
-                return json_response(200, admin.job_detail(job_id))
-        except admin.NotFound as exc:
-            return json_response(404, {"error": str(exc)})
+        with db_session:
+            return json_response(200, or_404(admin.job_detail, job_id))
 
     @app.get("/api/runs/<run_id:int>/")
     @admin_api
     def api_run(run_id):
-        try:
-            with db_session:
-                return json_response(200, admin.run_detail(config, run_id))
-        except admin.NotFound as exc:
-            return json_response(404, {"error": str(exc)})
+        with db_session:
+            return json_response(200, or_404(admin.run_detail, config, run_id))
 
     @app.get("/metrics")
     @admin_api
@@ -305,10 +304,7 @@ def create_app(config: Config, wake: threading.Event | None = None,
     @admin_page
     def instance_page(instance_id):
         with db_session:
-            try:
-                detail = admin.instance_detail(config, instance_id)
-            except admin.NotFound as exc:
-                raise HTTPResponse(status=404, body=str(exc)) from None
+            detail = or_404(admin.instance_detail, config, instance_id, page=True)
             busy = any(j["state"] in ("queued", "running") for j in detail["jobs"])
             health = admin.live_health(config, admin.get_instance(instance_id)) \
                 if detail["live"] and detail["provisioned_at"] else None
@@ -341,10 +337,7 @@ def create_app(config: Config, wake: threading.Event | None = None,
     @admin_page
     def run_page(run_id):
         with db_session:
-            try:
-                run = admin.run_detail(config, run_id)
-            except admin.NotFound as exc:
-                raise HTTPResponse(status=404, body=str(exc)) from None
+            run = or_404(admin.run_detail, config, run_id, page=True)
         return render("admin/run.html", run=run, refresh=2 if run["status"] == "running" else None)
 
     def json_error(error) -> str:
