@@ -216,6 +216,12 @@ def test_admin_pages_need_auth_and_render(app, stores):
         assert status == 200 and b"alpha-shop" in html, path
 
 
+@pytest.mark.parametrize("path", ["/admin/instances/999/", "/admin/runs/999/"])
+def test_admin_pages_for_unknown_ids_are_404(app, path):
+    status, html, _ = call(app, "GET", path, headers=AUTH, raw=True)
+    assert status == 404 and b"999" in html
+
+
 def test_admin_action_form_needs_the_csrf_token(app, stores):
     path = f"/admin/instances/{stores['alpha-shop']}/stop/"
     status, _, _ = call(app, "POST", path, body=b"csrf=forged",
