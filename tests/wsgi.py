@@ -7,7 +7,8 @@ import io
 import json
 
 
-def call(app, method, path, body=None, headers=None, query="", raw=False):
+def call(app, method, path, body=None, headers=None, query="", raw=False,
+         remote_addr="127.0.0.1"):
     if isinstance(body, bytes):
         data = body
     elif isinstance(body, dict | list):
@@ -17,7 +18,7 @@ def call(app, method, path, body=None, headers=None, query="", raw=False):
     environ = {"REQUEST_METHOD": method, "PATH_INFO": path, "QUERY_STRING": query,
                "wsgi.input": io.BytesIO(data), "CONTENT_LENGTH": str(len(data)),
                "CONTENT_TYPE": "application/json", "SERVER_NAME": "test", "SERVER_PORT": "80",
-               "wsgi.url_scheme": "http", "REMOTE_ADDR": "127.0.0.1", "HTTP_HOST": "test"}
+               "wsgi.url_scheme": "http", "REMOTE_ADDR": remote_addr, "HTTP_HOST": "test"}
     for name, value in (headers or {}).items():
         key = name.upper().replace("-", "_")
         environ[key if key == "CONTENT_TYPE" else "HTTP_" + key] = value

@@ -16,7 +16,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from pony.orm import db_session, desc
 
 from provisioner import admin, intake, metrics, openapi, subdomains
-from provisioner.auth import Throttle, admin_required
+from provisioner.auth import Throttle, admin_required, deny, rate_limited
 from provisioner.checkout import (
     CheckoutUnavailable,
     create_checkout_session,
@@ -58,6 +58,27 @@ def _page_args() -> tuple[int, int]:
     return page, per_page
 
 
+def same_origin(origin: str | None, host: str | None, public_url: str) -> bool:
+    """Is a browser's Origin (or Referer) this service, by the Host it asked or our URL?"""
+    if not origin:
+        return True  # not a browser's cross-site request: browsers send Origin on POSTs
+    netloc = urlparse(origin).netloc
+    return bool(netloc) and netloc in {host, urlparse(public_url).netloc}
+
+
+def security_headers(csp: str) -> dict[str, str]:
+    return {"Content-Security-Policy": csp, "X-Frame-Options": "DENY",
+            "X-Content-Type-Options": "nosniff", "Referrer-Policy": "same-origin",
+            "Cross-Origin-Opener-Policy": "same-origin"}
+
+
+# Pages: only our own inline code, carrying this response's nonce; JSON: nothing at all.
+PAGE_CSP = ("default-src 'none'; script-src 'nonce-{nonce}'; style-src 'nonce-{nonce}'; "
+            "connect-src 'self'; img-src 'self' data:; form-action 'self'; "
+            "frame-ancestors 'none'; base-uri 'none'")
+API_CSP = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'"
+
+
 def create_app(config: Config, wake: threading.Event | None = None,
                on_event_recorded: Callable[[], None] | None = None) -> Bottle:
     """Build the app for this config; `wake` is set when new work is queued."""
@@ -71,9 +92,17 @@ def create_app(config: Config, wake: threading.Event | None = None,
                         autoescape=select_autoescape(["html"]))
 
     def render(template: str, **context) -> str:
+        nonce = secrets.token_urlsafe(16)
         response.content_type = "text/html; charset=utf-8"
         response.set_header("Cache-Control", "no-store")
-        return pages.get_template(f"pages/{template}").render(**context)
+        response.set_header("Content-Security-Policy", PAGE_CSP.format(nonce=nonce))
+        return pages.get_template(f"pages/{template}").render(nonce=nonce, **context)
+
+    @app.hook("after_request")
+    def add_security_headers():
+        for name, value in security_headers(API_CSP).items():
+            if name not in response.headers:
+                response.set_header(name, value)
 
     def csrf_token() -> str:
         return hmac.new(csrf_key, config.admin_user.encode(), "sha256").hexdigest()
@@ -83,8 +112,19 @@ def create_app(config: Config, wake: threading.Event | None = None,
         if not hmac.compare_digest(token, csrf_token()):
             raise HTTPResponse(status=403, body="bad or missing CSRF token")
         origin = request.get_header("Origin") or request.get_header("Referer")
-        if origin and urlparse(origin).netloc != request.get_header("Host"):
+        if not same_origin(origin, request.get_header("Host"), config.public_url):
             raise HTTPResponse(status=403, body="cross-site request refused")
+
+    def check_api_post() -> None:
+        """State-changing API calls: JSON only and never from another site's page.
+
+        A cross-site form can send neither a JSON content type nor our Origin, and
+        a browser would resend cached Basic credentials with it."""
+        if request.content_type.split(";")[0].strip().lower() != "application/json":
+            raise deny(415, "send the request as Content-Type: application/json", True)
+        if not same_origin(request.get_header("Origin"), request.get_header("Host"),
+                           config.public_url):
+            raise deny(403, "cross-site request refused", True)
 
     def notify_worker() -> None:
         if wake is not None:
@@ -126,6 +166,7 @@ def create_app(config: Config, wake: threading.Event | None = None,
         return json_response(200, {"received": True, "duplicate": recorded.duplicate})
 
     @app.post("/api/check-subdomain/")
+    @rate_limited(config, config.check_subdomain_per_minute)
     def check_subdomain():
         body = _json_body()
         try:
@@ -139,6 +180,7 @@ def create_app(config: Config, wake: threading.Event | None = None,
                                    "url": config.store_url(name)})
 
     @app.post("/api/create-checkout/")
+    @rate_limited(config, config.checkout_per_minute)
     def create_checkout():
         body = _json_body()
         try:
@@ -191,19 +233,21 @@ def create_app(config: Config, wake: threading.Event | None = None,
             instance_or_404(instance_id)
             return json_response(200, admin.instance_detail(config, instance_id))
 
-    def queue(instance_id: int, action: str) -> HTTPResponse:
-        try:
-            with db_session:
-                instance_or_404(instance_id)
-                job_id = admin.queue_action(instance_id, action).id
-        except admin.Conflict as exc:
-            return json_response(409, {"error": str(exc)})
+    def queue(instance_id: int, action: str) -> int:
+        """Queue an admin action; its job id (NotFound, Conflict as admin raises them)."""
+        with db_session:
+            job_id = admin.queue_action(instance_id, action).id
         notify_worker()
-        return json_response(202, {"job_id": job_id, "status_url": f"/api/jobs/{job_id}/"})
+        return job_id
 
     for action in ("start", "stop", "restart"):
         def act(instance_id, action=action):
-            return queue(instance_id, action)
+            check_api_post()
+            try:
+                job_id = or_404(queue, instance_id, action)
+            except admin.Conflict as exc:
+                return json_response(409, {"error": str(exc)})
+            return json_response(202, {"job_id": job_id, "status_url": f"/api/jobs/{job_id}/"})
 
         app.route(f"/api/instances/<instance_id:int>/{action}/", "POST", admin_api(act),
                   name=f"api_{action}")
@@ -321,10 +365,10 @@ def create_app(config: Config, wake: threading.Event | None = None,
     @admin_page
     def instance_action(instance_id, action):
         check_csrf()
-        result = queue(instance_id, action)
-        body = json.loads(result.body)
-        flash = f"{action} queued as job {body['job_id']}" if result.status_code == 202 \
-            else body.get("error", "failed")
+        try:
+            flash = f"{action} queued as job {or_404(queue, instance_id, action, page=True)}"
+        except admin.Conflict as exc:
+            flash = str(exc)
         redirect(f"/admin/instances/{instance_id}/?flash={quote(flash)}", 303)
 
     @app.get("/admin/customers/")

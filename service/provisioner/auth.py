@@ -1,10 +1,19 @@
-"""Admin authentication: HTTP Basic or a bearer token, compared in constant time,
-with failed attempts throttled per client address."""
+"""Admin authentication and the per-client limits of the web service.
+
+Credentials are HTTP Basic or a bearer token, compared in constant time.
+Failed attempts are counted per (client address, user name), so guessing from
+one address cannot lock the admin out from another, plus a ceiling per
+address that bounds guessing across user names. The client address is the
+socket's, unless the socket is a configured trusted proxy: only then is
+X-Forwarded-For believed.
+"""
 
 from __future__ import annotations
 
 import base64
 import hmac
+import ipaddress
+import json
 import threading
 import time
 from collections.abc import Callable
@@ -15,42 +24,114 @@ from bottle import HTTPResponse, request
 from provisioner.config import Config
 
 MAX_FAILURES = 5
+MAX_FAILURES_PER_ADDRESS = 20
 WINDOW_SECONDS = 300
+MAX_KEYS = 10_000
+
+
+class SlidingWindow:
+    """Counts events per key; past `limit` in `window` seconds, the key waits."""
+
+    def __init__(self, limit: int, window: float):
+        self.limit = limit
+        self.window = window
+        self._events: dict[str, list[float]] = {}
+        self._lock = threading.Lock()
+
+    def _recent(self, key: str, now: float) -> list[float]:
+        stamps = [t for t in self._events.get(key, []) if now - t < self.window]
+        if stamps:
+            self._events[key] = stamps
+        else:
+            self._events.pop(key, None)
+        return stamps
+
+    def retry_after(self, key: str) -> int:
+        """Seconds until `key` may act again; 0 if it may now."""
+        with self._lock:
+            now = time.monotonic()
+            stamps = self._recent(key, now)
+            if len(stamps) < self.limit:
+                return 0
+            return max(1, int(self.window - (now - stamps[-self.limit])) + 1)
+
+    def add(self, key: str) -> None:
+        with self._lock:
+            now = time.monotonic()
+            if len(self._events) > MAX_KEYS:  # many one-off keys: forget the expired ones
+                for stale in [k for k, v in self._events.items() if now - v[-1] >= self.window]:
+                    del self._events[stale]
+            self._events[key] = [*self._recent(key, now), now][-self.limit:]
+
+    def clear(self, key: str) -> None:
+        with self._lock:
+            self._events.pop(key, None)
+
+    def take(self, key: str) -> int:
+        """Count one event if allowed now; otherwise the seconds to wait."""
+        wait = self.retry_after(key)
+        if not wait:
+            self.add(key)
+        return wait
 
 
 class Throttle:
-    """Counts failures per client; past MAX_FAILURES in WINDOW_SECONDS, the client waits."""
+    """Failed logins per (address, user) and per address."""
 
-    def __init__(self, max_failures: int = MAX_FAILURES, window: float = WINDOW_SECONDS):
-        self.max_failures = max_failures
-        self.window = window
-        self._failures: dict[str, list[float]] = {}
-        self._lock = threading.Lock()
+    def __init__(self, max_failures: int = MAX_FAILURES,
+                 max_per_address: int = MAX_FAILURES_PER_ADDRESS,
+                 window: float = WINDOW_SECONDS):
+        self.per_user = SlidingWindow(max_failures, window)
+        self.per_address = SlidingWindow(max_per_address, window)
 
-    def _recent(self, client: str, now: float) -> list[float]:
-        stamps = [t for t in self._failures.get(client, []) if now - t < self.window]
-        self._failures[client] = stamps
-        return stamps
+    def retry_after(self, address: str, user: str) -> int:
+        return max(self.per_user.retry_after(f"{address}|{user}"),
+                   self.per_address.retry_after(address))
 
-    def retry_after(self, client: str) -> int:
-        with self._lock:
-            now = time.monotonic()
-            stamps = self._recent(client, now)
-            if len(stamps) < self.max_failures:
-                return 0
-            return max(1, int(self.window - (now - stamps[0])))
+    def failed(self, address: str, user: str) -> None:
+        self.per_user.add(f"{address}|{user}")
+        self.per_address.add(address)
 
-    def failed(self, client: str) -> None:
-        with self._lock:
-            self._recent(client, time.monotonic()).append(time.monotonic())
+    def succeeded(self, address: str, user: str) -> None:
+        self.per_user.clear(f"{address}|{user}")
 
-    def succeeded(self, client: str) -> None:
-        with self._lock:
-            self._failures.pop(client, None)
+
+def _trusted(address: str, proxies: tuple[str, ...]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in ipaddress.ip_network(net) for net in proxies)
+
+
+def client_address(config: Config, environ: dict | None = None) -> str:
+    """The peer's address; behind trusted proxies, the nearest untrusted X-Forwarded-For hop."""
+    environ = request.environ if environ is None else environ
+    peer = environ.get("REMOTE_ADDR") or "?"
+    if not config.trusted_proxies or not _trusted(peer, config.trusted_proxies):
+        return peer
+    hops = [h.strip() for h in environ.get("HTTP_X_FORWARDED_FOR", "").split(",") if h.strip()]
+    for hop in reversed(hops):
+        if not _trusted(hop, config.trusted_proxies):
+            return hop
+    return hops[0] if hops else peer
 
 
 def _same(a: str, b: str) -> bool:
     return hmac.compare_digest(a.encode("utf-8"), b.encode("utf-8"))
+
+
+def claimed_user(header: str) -> str:
+    """Who the Authorization header says it is (for throttling, not trust)."""
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() == "bearer":
+        return "(token)"
+    if scheme.lower() == "basic":
+        try:
+            return base64.b64decode(value.strip()).decode("utf-8").partition(":")[0][:100]
+        except (ValueError, UnicodeDecodeError):
+            return "(malformed)"
+    return "(none)"
 
 
 def credentials_ok(config: Config, header: str) -> bool:
@@ -76,16 +157,17 @@ def admin_required(config: Config, throttle: Throttle, *, json_errors: bool = Tr
     def decorator(route: Callable) -> Callable:
         @wraps(route)
         def wrapper(*args, **kwargs):
-            client = request.remote_addr or "?"
-            wait = throttle.retry_after(client)
+            header = request.get_header("Authorization", "")
+            client, user = client_address(config), claimed_user(header)
+            wait = throttle.retry_after(client, user)
             if wait:
-                return _deny(429, "too many failed logins; try again later", json_errors,
-                             {"Retry-After": str(wait)})
-            if not credentials_ok(config, request.get_header("Authorization", "")):
-                throttle.failed(client)
-                return _deny(401, "admin credentials required", json_errors,
-                             {"WWW-Authenticate": 'Basic realm="eBuilder provisioner"'})
-            throttle.succeeded(client)
+                return deny(429, "too many failed logins; try again later", json_errors,
+                            {"Retry-After": str(wait)})
+            if not credentials_ok(config, header):
+                throttle.failed(client, user)
+                return deny(401, "admin credentials required", json_errors,
+                            {"WWW-Authenticate": 'Basic realm="eBuilder provisioner"'})
+            throttle.succeeded(client, user)
             return route(*args, **kwargs)
 
         return wrapper
@@ -93,10 +175,26 @@ def admin_required(config: Config, throttle: Throttle, *, json_errors: bool = Tr
     return decorator
 
 
-def _deny(status: int, reason: str, as_json: bool, headers: dict) -> HTTPResponse:
-    import json
+def rate_limited(config: Config, limit_per_minute: int) -> Callable:
+    """Decorator for public POST routes: at most `limit_per_minute` per client address."""
+    window = SlidingWindow(limit_per_minute, 60)
 
+    def decorator(route: Callable) -> Callable:
+        @wraps(route)
+        def wrapper(*args, **kwargs):
+            wait = window.take(client_address(config))
+            if wait:
+                return deny(429, "too many requests; try again later", True,
+                            {"Retry-After": str(wait)})
+            return route(*args, **kwargs)
+
+        return wrapper
+
+    return decorator
+
+
+def deny(status: int, reason: str, as_json: bool, headers: dict | None = None) -> HTTPResponse:
     body = json.dumps({"error": reason}) if as_json else reason
     content_type = "application/json" if as_json else "text/plain; charset=utf-8"
     return HTTPResponse(status=status, body=body,
-                        headers={**headers, "Content-Type": content_type})
+                        headers={**(headers or {}), "Content-Type": content_type})

@@ -10,8 +10,9 @@ def _json(schema: dict, description: str) -> dict:
 
 
 def _errors(*codes: int) -> dict:
-    text = {400: "bad input", 401: "admin credentials required", 404: "unknown id",
-            409: "conflict", 429: "too many failed logins", 503: "not configured"}
+    text = {400: "bad input", 401: "admin credentials required", 403: "cross-site request",
+            404: "unknown id", 409: "conflict", 415: "body is not application/json",
+            429: "too many requests", 503: "not configured"}
     return {str(c): _json(ERROR, text[c]) for c in codes}
 
 
@@ -27,9 +28,12 @@ def _admin_get(summary: str, *, with_id: bool = False, params: list | None = Non
 def _action(name: str) -> dict:
     return {"post": {"summary": f"Queue a {name} of the store's container (runs {name}.yml).",
                      "security": [{"basic": []}, {"bearer": []}],
+                     # JSON only and no foreign Origin: no cross-site form can send it.
+                     "requestBody": {"required": True, "content": {"application/json": {
+                         "schema": {"type": "object"}}}},
                      "responses": {"202": _json({"type": "object", "properties": {
                          "job_id": {"type": "integer"}, "status_url": {"type": "string"}}},
-                         "queued"), **_errors(401, 404, 409)}}}
+                         "queued"), **_errors(401, 403, 404, 409, 415)}}}
 
 
 def _query(name: str, schema: dict, description: str) -> dict:
@@ -61,7 +65,7 @@ def document() -> dict:
                     "properties": {"subdomain": {"type": "string"}}}}}},
                 "responses": {"200": _json({"type": "object", "properties": {
                     "available": {"type": "boolean"}, "reason": {"type": "string"},
-                    "url": {"type": "string"}}}, "available or taken"), **_errors(400)}}},
+                    "url": {"type": "string"}}}, "available or taken"), **_errors(400, 429)}}},
             "/api/create-checkout/": {"post": {
                 "summary": "Start a Stripe Checkout (subscription) for a new store.",
                 "requestBody": {"required": True, "content": {"application/json": {"schema": {
@@ -71,7 +75,7 @@ def document() -> dict:
                                    "email": {"type": "string", "format": "email"}}}}}},
                 "responses": {"200": _json({"type": "object", "properties": {
                     "session_id": {"type": "string"}, "checkout_url": {"type": "string"}}},
-                    "redirect the customer to checkout_url"), **_errors(400, 409, 503)}}},
+                    "redirect the customer to checkout_url"), **_errors(400, 409, 429, 503)}}},
             "/api/webhook/stripe/": {"post": {
                 "summary": "Stripe webhook (verified with the Stripe-Signature header).",
                 "responses": {"200": _json({"type": "object"}, "recorded (or a duplicate)"),
