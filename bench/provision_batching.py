@@ -50,7 +50,8 @@ def main() -> int:
                 "STRIPE_WEBHOOK_SECRET": "whsec_bench", "BASE_DOMAIN": "bench.test",
                 "PROVISIONER_DATA_DIR": str(root / "data"),
                 "CUSTOMER_DATA_ROOT": str(root / "customers"),
-                "CONTAINER_NETWORK": "ebuilder_bench", **nginx.settings()},
+                "CONTAINER_NETWORK": "ebuilder_bench", "INSTALLATION_ID": "bench-batching",
+                **nginx.settings()},
                 env_file=root / "none.env")
             one_by_one = stores("solo", args.stores, 19500)
             batched = stores("batch", args.stores, 19600)

@@ -6,9 +6,10 @@
 
 Each live store is a host in group `stores` (and `docker_host_<name>`, and
 `state_<state>`), connecting like the Docker host it lives on (hosts.yml),
-with its provisioner_store record as vars. Never a secret. Runs with the
-provisioner's Python and configuration (.env or environment), so activate
-its venv first.
+with its provisioner_store record as vars; the service's settings are the
+vars of group `all`. Never a secret, and every value marked unsafe: a store's
+name is data, never a template. Runs with the provisioner's Python and
+configuration (.env or environment), so activate its venv first.
 """
 
 from __future__ import annotations
@@ -37,16 +38,18 @@ def inventory() -> dict:
 
         from provisioner import models
         from provisioner.config import ConfigError, load_config
+        from provisioner.playbook_runs import settings_vars
+        from provisioner.untrusted import inventory_json_value
         from provisioner.worker import store_record
     except ImportError:
         sys.exit("inventory/stores.py needs the provisioner's Python: source .venv/bin/activate")
     try:
-        config = load_config()
-        models.bind(config)
+        config = models.open_database(load_config())
     except ConfigError as exc:
         sys.exit(f"inventory/stores.py: configuration error: {exc}")
     hosts = docker_host_vars(Path(__file__).with_name("hosts.yml"))
-    result: dict = {"stores": {"hosts": []}, "_meta": {"hostvars": {}}}
+    result: dict = {"all": {"vars": inventory_json_value(settings_vars(config))},
+                    "stores": {"hosts": []}, "_meta": {"hostvars": {}}}
     with db_session:
         for instance in models.Instance.select(lambda i: i.live).order_by(models.Instance.id):
             record = store_record(config, instance)
@@ -54,8 +57,9 @@ def inventory() -> dict:
             result["stores"]["hosts"].append(name)
             for group in (f"docker_host_{instance.docker_host}", f"state_{record['state']}"):
                 result.setdefault(group.replace("-", "_"), {"hosts": []})["hosts"].append(name)
-            result["_meta"]["hostvars"][name] = {**hosts.get(instance.docker_host, {}),
-                                                 "provisioner_store": record}
+            result["_meta"]["hostvars"][name] = {
+                **hosts.get(instance.docker_host, {}),
+                "provisioner_store": inventory_json_value(record)}
     return result
 
 

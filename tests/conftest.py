@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from provisioner.testing import stripe_events
 
 WEBHOOK_SECRET = "whsec_test_" + "x" * 24
 BASE_DOMAIN = "stores.test"
+INSTALLATION_ID = f"test-{secrets.token_hex(4)}"
 
 
 @pytest.fixture(scope="session")
@@ -33,6 +35,8 @@ def base_env(data_dir) -> dict[str, str]:
         "PORT_RANGE_START": "19100",
         "PORT_RANGE_END": "19199",
         "JOB_RETRY_BASE_SECONDS": "0",
+        # Marks everything the tests make, so they touch nothing else on the engine.
+        "INSTALLATION_ID": INSTALLATION_ID,
         "PATH": os.environ.get("PATH", ""),
     }
 
@@ -40,8 +44,7 @@ def base_env(data_dir) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def config(base_env, tmp_path_factory):
     config = load_config(base_env, env_file=tmp_path_factory.mktemp("noenv") / ".env")
-    models.bind(config)
-    return config
+    return models.open_database(config)
 
 
 @pytest.fixture(autouse=True)

@@ -36,6 +36,9 @@ def test_env_file_is_read_and_environment_wins(tmp_path):
     ({"PORT_RANGE_START": "abc"}, "PORT_RANGE_START"),
     ({"PORT_RANGE_START": "9500", "PORT_RANGE_END": "9400"}, "PORT_RANGE_END"),
     ({"EMAIL_USE_TLS": "maybe"}, "EMAIL_USE_TLS"),
+    ({"INSTALLATION_ID": "Has Spaces"}, "INSTALLATION_ID"),
+    ({"INSTALLATION_ID": "{{ 7*7 }}"}, "INSTALLATION_ID"),
+    ({"TRUSTED_PROXIES": "10.0.0.1, not-an-ip"}, "TRUSTED_PROXIES"),
 ])
 def test_bad_settings_name_themselves(tmp_path, env, name):
     with pytest.raises(ConfigError, match=name):
@@ -50,3 +53,23 @@ def test_serve_stops_with_one_line_naming_the_setting(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "provisioner: configuration error: STRIPE_WEBHOOK_SECRET is required but not set"]
+
+
+def test_security_settings(tmp_path):
+    config = load(tmp_path, INSTALLATION_ID="prod-eu1", TRUSTED_PROXIES="10.0.0.1, 192.168.0.0/24")
+    assert config.installation_id == "prod-eu1"
+    assert config.trusted_proxies == ("10.0.0.1/32", "192.168.0.0/24")
+
+
+def test_installation_id_is_generated_once_and_kept(config):
+    import dataclasses
+
+    from provisioner import models
+
+    unset = dataclasses.replace(config, installation_id="")
+    first = models.installation_id(unset)
+    assert first.startswith("eb-") and models.installation_id(unset) == first
+    models.reset()  # emptying the tables between tests keeps it too
+    assert models.installation_id(unset) == first
+    # A configured one wins.
+    assert models.installation_id(config) == config.installation_id != first

@@ -10,7 +10,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 ROLE = Path(__file__).resolve().parents[1] / "roles" / "nginx_site"
 
 
-def render(state="present", **overrides) -> str:
+def render(state="present", template="vhost.conf.j2", **overrides) -> str:
     # Autoescape off on purpose: this renders an nginx config, not HTML (as Ansible does).
     env = Environment(loader=FileSystemLoader(ROLE / "templates"), undefined=StrictUndefined,  # noqa: S701
                       keep_trailing_newline=True)
@@ -25,9 +25,11 @@ def render(state="present", **overrides) -> str:
         "nginx_site_client_max_body_size": "100m",
         "nginx_site_upstream_port": 9001,
         "nginx_site_proxy_read_timeout": "120s",
+        "nginx_site_installation_id": "eb-test",
+        "nginx_site_base_domain": "stores.test",
         **overrides,
     }
-    return env.get_template("vhost.conf.j2").render(**variables)
+    return env.get_template(template).render(**variables)
 
 
 def test_running_store_is_proxied_over_tls_with_a_redirect_from_http():
@@ -43,6 +45,16 @@ def test_running_store_is_proxied_over_tls_with_a_redirect_from_http():
         assert f"proxy_set_header {header}" in text
     assert "client_max_body_size 100m;" in text
     assert "return 503" not in text
+    assert "# ebuilder-installation: eb-test" in text
+
+
+def test_catchall_answers_every_other_name_under_the_domain_with_404():
+    text = render(template="catchall.conf.j2")
+    assert "server_name *.stores.test;" in text
+    assert "return 404" in text and "proxy_pass" not in text
+    # Never the distribution's default server: no clash with its default_server.
+    assert "default_server" not in text
+    assert "# ebuilder-installation: eb-test" in text
 
 
 @pytest.mark.parametrize("state, words", [("suspended", "suspended"), ("closed", "closed")])
@@ -53,13 +65,17 @@ def test_suspended_and_closed_stores_get_a_503_page_and_no_proxy(state, words):
 
 
 @pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx not installed")
-@pytest.mark.parametrize("state", ["present", "suspended", "closed"])
-def test_nginx_accepts_the_rendered_vhost(tmp_path, state):
+@pytest.mark.parametrize("state, template", [("present", "vhost.conf.j2"),
+                                             ("suspended", "vhost.conf.j2"),
+                                             ("closed", "vhost.conf.j2"),
+                                             ("present", "catchall.conf.j2")])
+def test_nginx_accepts_the_rendered_vhost(tmp_path, state, template):
     cert, key = tmp_path / "c.pem", tmp_path / "c.key"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
                     "-keyout", key, "-out", cert, "-subj", "/CN=*.stores.test"],
                    check=True, capture_output=True)
-    (tmp_path / "site.conf").write_text(render(state, nginx_site_ssl_certificate=str(cert),
+    (tmp_path / "site.conf").write_text(render(state, template,
+                                               nginx_site_ssl_certificate=str(cert),
                                                nginx_site_ssl_certificate_key=str(key)))
     (tmp_path / "nginx.conf").write_text(
         f"pid {tmp_path}/nginx.pid; error_log {tmp_path}/error.log; events {{}}\n"

@@ -14,8 +14,7 @@ from provisioner.config import Config, ConfigError, load_config
 
 def _configure() -> Config:
     try:
-        config = load_config()
-        models.bind(config)
+        config = models.open_database(load_config())
     except ConfigError as exc:
         print(f"provisioner: configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -144,13 +143,12 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
 
 def cmd_ansible_vars(args: argparse.Namespace) -> int:
     """The service's settings as Ansible variables, for a sysadmin's group_vars."""
-    import yaml
-
     from provisioner.playbook_runs import settings_vars
+    from provisioner.untrusted import extra_vars_yaml
 
     config = _configure()
     print("---\n# Written by `provisioner ansible-vars` from the provisioner's settings.")
-    print(yaml.safe_dump(settings_vars(config), default_flow_style=False, sort_keys=True), end="")
+    print(extra_vars_yaml(settings_vars(config)), end="")
     return 0
 
 

@@ -6,7 +6,9 @@ nothing else reads `os.environ`.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,6 +80,31 @@ def _required(env: dict[str, str], name: str) -> str:
     return value
 
 
+def _networks(env: dict[str, str], name: str) -> tuple[str, ...]:
+    """Comma-separated addresses or CIDR networks."""
+    values = []
+    for part in env.get(name, "").split(","):
+        if not part.strip():
+            continue
+        try:
+            values.append(str(ipaddress.ip_network(part.strip(), strict=False)))
+        except ValueError:
+            raise ConfigError(f"{name}: {part.strip()!r} is not an IP address or network") \
+                from None
+    return tuple(values)
+
+
+_INSTALLATION_ID = re.compile(r"[a-z0-9][a-z0-9_.-]{2,62}")
+
+
+def _installation_id(env: dict[str, str]) -> str:
+    raw = env.get("INSTALLATION_ID", "").strip()
+    if raw and not _INSTALLATION_ID.fullmatch(raw):
+        raise ConfigError("INSTALLATION_ID must be 3-63 of a-z, 0-9, '.', '_', '-', "
+                          f"starting with a letter or digit, got {raw!r}")
+    return raw
+
+
 @dataclass(frozen=True)
 class Config:
     stripe_webhook_secret: str
@@ -128,6 +155,12 @@ class Config:
     job_retry_base_seconds: int = 5
     worker_poll_seconds: float = 1.0
     ansible_forks: int = 10
+    # Labels every container, network and vhost we make; set by INSTALLATION_ID
+    # or generated once into the database (models.open_database).
+    installation_id: str = ""
+    trusted_proxies: tuple[str, ...] = ()
+    check_subdomain_per_minute: int = 60
+    checkout_per_minute: int = 10
 
     @property
     def database_path(self) -> Path:
@@ -237,4 +270,8 @@ def load_config(environ: dict[str, str] | None = None, env_file: Path | None = N
         cleanup_at=_time_of_day(env, "CLEANUP_AT", "03:30"),
         job_max_attempts=_int(env, "JOB_MAX_ATTEMPTS", 5, 1, 100),
         job_retry_base_seconds=_int(env, "JOB_RETRY_BASE_SECONDS", 5, 0, 3600),
+        installation_id=_installation_id(env),
+        trusted_proxies=_networks(env, "TRUSTED_PROXIES"),
+        check_subdomain_per_minute=_int(env, "CHECK_SUBDOMAIN_PER_MINUTE", 60, 1, 100_000),
+        checkout_per_minute=_int(env, "CHECKOUT_PER_MINUTE", 10, 1, 100_000),
     )

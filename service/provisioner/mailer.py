@@ -36,7 +36,7 @@ def send(config: Config, message: EmailMessage) -> str:
                 smtp.login(config.email_host_user, config.email_host_password)
             smtp.send_message(message)
         return f"smtp://{config.email_host}:{config.email_port}"
-    config.outbox_dir.mkdir(parents=True, exist_ok=True)
+    config.outbox_dir.mkdir(parents=True, mode=0o700, exist_ok=True)
     name = re.sub(r"[^A-Za-z0-9_.-]", "_", message["Message-ID"].strip("<>")) + ".eml"
     path = config.outbox_dir / name
     temporary = path.with_suffix(".tmp")

@@ -106,9 +106,10 @@ def health_sweep(config: Config, runner=run_playbook, progress: Progress = _quie
 
 
 def containers_on(config: Config, host: docker_hosts.DockerHost) -> dict[str, dict]:
-    """Our containers (by label) on one Docker host: name -> {state, instance_id}."""
+    """This installation's containers (by label) on one Docker host: name -> {state, labels}."""
     output = subprocess.run(
-        ["docker", "-H", host.url, "ps", "-a", "--filter", "label=ebuilder.managed=true",
+        ["docker", "-H", host.url, "ps", "-a", "--filter",
+         f"label=ebuilder.installation={config.installation_id}",
          "--format", "{{json .}}"], capture_output=True, text=True, timeout=60, check=True).stdout
     found = {}
     for line in output.splitlines():

@@ -7,7 +7,11 @@ enforce "unique among live instances" in the database itself).
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import secrets
 from datetime import UTC, datetime
+from pathlib import Path
 from urllib.parse import urlparse
 
 from pony.orm import (
@@ -17,6 +21,7 @@ from pony.orm import (
     PrimaryKey,
     Required,
     Set,
+    TransactionIntegrityError,
     composite_key,
     db_session,
 )
@@ -202,6 +207,13 @@ class LogEntry(db.Entity):
     duration = Optional(float)
 
 
+class Setting(db.Entity):
+    """A value the service made for itself once (the installation id)."""
+
+    key = PrimaryKey(str)
+    value = Required(str)
+
+
 LIVE_UNIQUE_INDEXES = (
     'CREATE UNIQUE INDEX IF NOT EXISTS "instance_live_subdomain" '
     'ON "Instance" ("subdomain") WHERE "live"',
@@ -215,9 +227,10 @@ def bind(config: Config) -> Database:
     if db.provider is not None:
         return db
     url = config.database_url
+    private_dir(config.data_dir)
     if not url or url.startswith("sqlite"):
         path = urlparse(url).path if url else str(config.database_path)
-        config.data_dir.mkdir(parents=True, exist_ok=True)
+        _private_file(Path(path))
         db.bind(provider="sqlite", filename=path, create_db=True)
     elif url.startswith(("postgres://", "postgresql://")):
         parsed = urlparse(url)
@@ -230,6 +243,48 @@ def bind(config: Config) -> Database:
         for statement in LIVE_UNIQUE_INDEXES:
             db.execute(statement)
     return db
+
+
+def private_dir(path: Path) -> Path:
+    """A directory only the service's user can enter (made 0700, tightened if older)."""
+    path.mkdir(parents=True, mode=0o700, exist_ok=True)
+    path.chmod(0o700)
+    return path
+
+
+def _private_file(path: Path) -> None:
+    """The SQLite file holds temporary passwords until they are emailed: 0600."""
+    path.parent.mkdir(parents=True, mode=0o700, exist_ok=True)
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    path.chmod(0o600)
+
+
+@db.on_connect(provider="sqlite")
+def _sqlite_pragmas(database, connection) -> None:
+    # Deleted rows (an emailed password) are overwritten, not left in free pages.
+    connection.cursor().execute("PRAGMA secure_delete = ON")
+
+
+def installation_id(config: Config) -> str:
+    """INSTALLATION_ID, or the one this database generated on first use (needs bind)."""
+    if config.installation_id:
+        return config.installation_id
+    for _ in range(2):
+        try:
+            with db_session:
+                row = Setting.get(key="installation_id")
+                if row is None:
+                    row = Setting(key="installation_id", value=f"eb-{secrets.token_hex(6)}")
+                return row.value
+        except TransactionIntegrityError:
+            continue  # another process made it at the same moment: read theirs
+    raise ConfigError("could not read or create the installation id")
+
+
+def open_database(config: Config) -> Config:
+    """Bind the database and return the config with its installation id filled in."""
+    bind(config)
+    return dataclasses.replace(config, installation_id=installation_id(config))
 
 
 def reset() -> None:

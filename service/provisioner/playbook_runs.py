@@ -1,14 +1,18 @@
 """The one place that calls ansible-runner.
 
-Each run gets its own private data dir under the data dir; its artifacts
-(stdout, per-task events, status, rc) are kept as the provisioning log. The
-variables, some secret, go in `env/extravars` (mode 0600) so they never appear
-on a command line or in the artifacts, and that file is deleted after the run.
+Each run gets its own private data dir under the data dir (0700); its
+artifacts (stdout, per-task events, status, rc) are kept as the provisioning
+log. The variables go in `env/extravars` (0600, every string marked unsafe so
+Ansible never renders customer text as a template); some are secret, so that
+file is deleted as soon as ansible-playbook has read it, and a run killed
+before that leaves a file that the next run sweeps away (a run holds a lock
+on its dir while it lives). The playbook's environment is a minimal one: the
+service's own secrets never reach it nor the `command` artifact.
 """
 
 from __future__ import annotations
 
-import json
+import fcntl
 import os
 import sys
 import uuid
@@ -16,11 +20,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import ansible_runner
+from ansible_runner.interface import init_runner
 
 from provisioner.config import Config
+from provisioner.untrusted import extra_vars_yaml
 
 EventSink = Callable[[dict], None]
+
+
+CONFLICT = "conflict:"
 
 
 @dataclass
@@ -28,6 +36,11 @@ class HostOutcome:
     ok: bool
     changed: int = 0
     error: str | None = None
+
+    @property
+    def conflict(self) -> bool:
+        """The role found something that is not ours where the store should be."""
+        return not self.ok and (self.error or "").startswith(CONFLICT)
 
 
 @dataclass
@@ -57,7 +70,44 @@ def settings_vars(config: Config) -> dict:
         "nginx_site_https_listen": config.nginx_https_listen,
         "nginx_site_ssl_certificate": config.wildcard_ssl_cert,
         "nginx_site_ssl_certificate_key": config.wildcard_ssl_key,
+        "ebuilder_instance_installation_id": config.installation_id,
+        "nginx_site_installation_id": config.installation_id,
     }
+
+
+# What ansible-playbook needs from our environment; everything else (Stripe
+# keys, admin credentials, SMTP password, DATABASE_URL) stays behind.
+PASSED_ENV = frozenset({"PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR",
+                        "TERM", "SSH_AUTH_SOCK", "PYTHONPATH", "VIRTUAL_ENV"})
+PASSED_ENV_PREFIXES = ("ANSIBLE_", "LC_", "RUNNER_", "AWX_")
+
+
+def minimal_env(runner_env: dict[str, str], process_env: dict[str, str]) -> dict[str, str]:
+    """ansible-runner's environment for the playbook, less what it copied from ours."""
+    return {name: value for name, value in runner_env.items()
+            if name in PASSED_ENV or name.startswith(PASSED_ENV_PREFIXES)
+            or process_env.get(name) != value}
+
+
+def sweep_extravars(config: Config) -> int:
+    """Delete extravars that a killed run left behind; return how many."""
+    removed = 0
+    for extravars in config.ansible_runs_dir.glob("*/env/extravars"):
+        run_dir = extravars.parent.parent
+        try:
+            fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # that run is alive and will delete its own
+        else:
+            extravars.unlink(missing_ok=True)
+            removed += 1
+        finally:
+            os.close(fd)
+    return removed
 
 
 def _error_of(event: dict) -> str:
@@ -84,23 +134,35 @@ def _stdout_tail(runner, lines: int = 5) -> str:
     return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:])
 
 
+def _write_private(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+
+
 def run_playbook(config: Config, playbook: str, stores: list[dict], secrets: dict | None = None,
                  on_event: EventSink | None = None, limit: str | None = None,
                  ident: str | None = None, extra_vars: dict | None = None) -> RunResult:
     """Run playbooks/<playbook> for the given stores in one ansible run."""
     ident = ident or new_ident(playbook)
+    config.ansible_runs_dir.mkdir(parents=True, mode=0o700, exist_ok=True)
+    sweep_extravars(config)
     private_dir = config.ansible_runs_dir / ident
     env_dir = private_dir / "env"
     env_dir.mkdir(parents=True, mode=0o700)
-    extravars = {**settings_vars(config), "provisioner_stores": stores,
-                 "provisioner_secrets": secrets or {}, **(extra_vars or {})}
+    private_dir.chmod(0o700)
+    lock = os.open(private_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(lock, fcntl.LOCK_EX)
     extravars_file = env_dir / "extravars"
-    fd = os.open(extravars_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(extravars, handle)
+    _write_private(extravars_file, extra_vars_yaml(
+        {**settings_vars(config), "provisioner_stores": stores,
+         "provisioner_secrets": secrets or {}, **(extra_vars or {})}))
     failures: dict[str, str] = {}
 
     def event_handler(event: dict) -> bool:
+        if event.get("event") == "playbook_on_start":
+            # ansible-playbook has read its extra vars by now.
+            extravars_file.unlink(missing_ok=True)
         if event.get("event") in ("runner_on_failed", "runner_on_unreachable"):
             data = event.get("event_data") or {}
             if not data.get("ignore_errors"):
@@ -111,7 +173,7 @@ def run_playbook(config: Config, playbook: str, stores: list[dict], secrets: dic
         return True
 
     try:
-        runner = ansible_runner.run(
+        runner = init_runner(
             private_data_dir=str(private_dir),
             ident=ident,
             playbook=str(config.playbooks_dir / playbook),
@@ -129,8 +191,11 @@ def run_playbook(config: Config, playbook: str, stores: list[dict], secrets: dic
             event_handler=event_handler,
             quiet=True,
         )
+        runner.config.env = minimal_env(runner.config.env, dict(os.environ))
+        runner.run()
     finally:
         extravars_file.unlink(missing_ok=True)
+        os.close(lock)
     stats = runner.stats or {}
     hosts: dict[str, HostOutcome] = {}
     for store in stores:

@@ -172,6 +172,15 @@ class Worker:
                     job.instance.set_status("failed", error)
         log.warning("job %s failed (%s): %s", job_id, "retrying" if retrying else "gave up", error)
 
+    def _conflict(self, job_id: int, error: str) -> None:
+        """Something not ours holds the store's name: an admin decides, nothing retries."""
+        with db_session:
+            job = Job[job_id]
+            job.state, job.last_error, job.finished_at = "failed", error, utcnow()
+            job.locked_until = None
+            lifecycle.needs_attention(job.instance, error)
+        log.warning("job %s: %s", job_id, error)
+
     def _secrets_of(self, instances: Iterable[Instance]) -> list[str]:
         values = [i.admin_password for i in instances if i and i.admin_password]
         return values + self.config.secrets()
@@ -274,6 +283,9 @@ class Worker:
             return
         for name, (instance_id, job_id) in hosts.items():
             outcome = result.hosts[name]
+            if outcome.conflict:
+                self._conflict(job_id, outcome.error)
+                continue
             if not outcome.ok:
                 self._fail(job_id, outcome.error or "failed")
                 continue

@@ -105,10 +105,13 @@ class Service:
     webhook_times: list[float] = field(default_factory=list)
 
     def api(self, method: str, path: str) -> tuple[int, object]:
-        """An admin API call over HTTP."""
+        """An admin API call over HTTP (POSTs as JSON, as the API requires)."""
         token = base64.b64encode(f"admin:{ADMIN_PASSWORD}".encode()).decode()
-        request = urllib.request.Request(self.url + path, method=method,
-                                         headers={"Authorization": f"Basic {token}"})
+        headers = {"Authorization": f"Basic {token}"}
+        if method == "POST":
+            headers["Content-Type"] = "application/json"
+        request = urllib.request.Request(self.url + path, method=method, headers=headers,
+                                         data=b"{}" if method == "POST" else None)
         try:
             with urllib.request.urlopen(request, timeout=30) as response:
                 body = response.read()
@@ -229,7 +232,9 @@ def clean_stack(request):
         return
     live_config = request.getfixturevalue("live_config")
     nginx = request.getfixturevalue("nginx")
-    names = subprocess.run(["docker", "ps", "-aq", "--filter", "label=ebuilder.managed=true"],
+    # Only what this test run made (its installation id): the engine may be shared.
+    names = subprocess.run(["docker", "ps", "-aq", "--filter",
+                            f"label=ebuilder.installation={live_config.installation_id}"],
                            capture_output=True, text=True).stdout.split()
     if names:
         subprocess.run(["docker", "rm", "-f", *names], capture_output=True)

@@ -80,6 +80,7 @@ def test_sync_brings_back_a_removed_container_and_reports_strangers(service):
     provision(service, "gone-shop")
     docker("rm", "-f", "ebuilder_gone-shop")
     docker("run", "-d", "--name", "ebuilder_stranger", "--label", "ebuilder.managed=true",
+           "--label", f"ebuilder.installation={service.config.installation_id}",
            "-e", "SECRET_KEY=x", "-e", "ALLOWED_HOSTS=x", "-e", "ADMIN_EMAIL=a@b.c",
            "-e", "ADMIN_PASSWORD=p", "ebuilder-standin:latest")
     result = service.cli("sync")
@@ -171,8 +172,10 @@ def test_sysadmin_sees_stores_in_the_inventory_and_runs_the_same_playbooks(servi
     inventory = json.loads(listing.stdout)
     assert {"admin-run", "other-run"} <= set(inventory["stores"]["hosts"])
     store = inventory["_meta"]["hostvars"]["admin-run"]["provisioner_store"]
+    # Every string is marked unsafe (data, never a template).
     assert (store["name"], store["state"], store["port"]) == \
-        ("admin-run", "running", store_port("admin-run"))
+        ({"__ansible_unsafe": "admin-run"}, {"__ansible_unsafe": "running"},
+         store_port("admin-run"))
     assert "password" not in listing.stdout.lower()
 
     again = sysadmin(service, "ansible-playbook", "playbooks/provision.yml", "--limit",

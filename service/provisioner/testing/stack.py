@@ -20,12 +20,11 @@ http {{
     uwsgi_temp_path {root}/tmp/uwsgi;
     scgi_temp_path {root}/tmp/scgi;
     server_names_hash_bucket_size 128;
-    # Unknown hosts get a 404 instead of some store's site (as in production).
+    # Like Debian's stock config: a default server for plain HTTP only. On the
+    # TLS port, unknown names reach whatever server nginx takes first: the
+    # provisioner's catch-all vhost must be that one.
     server {{
         listen 127.0.0.1:{http_port} default_server;
-        listen 127.0.0.1:{https_port} ssl default_server;
-        ssl_certificate {cert};
-        ssl_certificate_key {key};
         return 404;
     }}
     include {root}/sites/*.conf;
