@@ -18,23 +18,26 @@ import tempfile
 import time
 from pathlib import Path
 
+from provisioner import models
+from provisioner.ansible import operations
+from provisioner.ansible.operations import Operation
+from provisioner.ansible.store_vars import StoreVars
 from provisioner.config import load_config
-from provisioner.playbook_runs import run_playbook
 from provisioner.testing.stack import LocalNginx
 
 
-def stores(prefix: str, count: int, first_port: int) -> list[dict]:
-    return [{"name": f"{prefix}-{n}", "instance_id": f"{prefix}-{n}", "site_name": f"Bench {n}",
-             "admin_email": f"bench{n}@example.com", "port": first_port + n,
-             "docker_host": "localhost"} for n in range(count)]
+def stores(prefix: str, count: int, first_port: int) -> list[StoreVars]:
+    return [StoreVars(name=f"{prefix}-{n}", instance_id=f"{prefix}-{n}", site_name=f"Bench {n}",
+                      admin_email=f"bench{n}@example.com", port=first_port + n,
+                      docker_host="localhost") for n in range(count)]
 
 
-def secrets_for(batch: list[dict]) -> dict:
-    return {s["name"]: {"admin_password": "bench-first-boot"} for s in batch}
+def secrets_for(batch: list[StoreVars]) -> dict:
+    return {s.name: {"admin_password": "bench-first-boot"} for s in batch}
 
 
-def remove(batch: list[dict]) -> None:
-    names = [f"ebuilder_{s['name']}" for s in batch]
+def remove(batch: list[StoreVars]) -> None:
+    names = [f"ebuilder_{s.name}" for s in batch]
     subprocess.run(["docker", "rm", "-f", *names], capture_output=True)
 
 
@@ -46,22 +49,24 @@ def main() -> int:
         root = Path(tmp)
         nginx = LocalNginx(root / "nginx", base_domain="bench.test").start()
         try:
-            config = load_config({
+            config = models.open_database(load_config({
                 "STRIPE_WEBHOOK_SECRET": "whsec_bench", "BASE_DOMAIN": "bench.test",
                 "PROVISIONER_DATA_DIR": str(root / "data"),
                 "CUSTOMER_DATA_ROOT": str(root / "customers"),
                 "CONTAINER_NETWORK": "ebuilder_bench", "INSTALLATION_ID": "bench-batching",
                 **nginx.settings()},
-                env_file=root / "none.env")
+                env_file=root / "none.env"))
             one_by_one = stores("solo", args.stores, 19500)
             batched = stores("batch", args.stores, 19600)
             started = time.perf_counter()
             for store in one_by_one:
-                result = run_playbook(config, "provision.yml", [store], secrets_for([store]))
-                assert result.hosts[store["name"]].ok, result.hosts
+                result = operations.run(config, Operation.PROVISION, [store],
+                                        secrets=secrets_for([store]))
+                assert result.hosts[store.name].ok, result.hosts
             separate = time.perf_counter() - started
             started = time.perf_counter()
-            result = run_playbook(config, "provision.yml", batched, secrets_for(batched))
+            result = operations.run(config, Operation.PROVISION, batched,
+                                    secrets=secrets_for(batched))
             assert all(h.ok for h in result.hosts.values()), result.hosts
             together = time.perf_counter() - started
         finally:

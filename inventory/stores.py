@@ -37,10 +37,10 @@ def inventory() -> dict:
         from pony.orm import db_session
 
         from provisioner import models
+        from provisioner.ansible.runner import settings_vars
+        from provisioner.ansible.store_vars import with_target
+        from provisioner.ansible.untrusted import inventory_json_value
         from provisioner.config import ConfigError, load_config
-        from provisioner.playbook_runs import settings_vars
-        from provisioner.untrusted import inventory_json_value
-        from provisioner.worker import store_record
     except ImportError:
         sys.exit("inventory/stores.py needs the provisioner's Python: source .venv/bin/activate")
     try:
@@ -52,7 +52,7 @@ def inventory() -> dict:
                     "stores": {"hosts": []}, "_meta": {"hostvars": {}}}
     with db_session:
         for instance in models.Instance.select(lambda i: i.live).order_by(models.Instance.id):
-            record = store_record(config, instance)
+            record = with_target(config, instance).as_dict()
             name = record["name"]
             result["stores"]["hosts"].append(name)
             for group in (f"docker_host_{instance.docker_host}", f"state_{record['state']}"):

@@ -12,6 +12,8 @@ import pytest
 from pony.orm import db_session
 
 from provisioner import events, models
+from provisioner.ansible import operations
+from provisioner.ansible.runner import HostOutcome, RunResult
 from provisioner.config import load_config
 from provisioner.models import StripeEvent
 from provisioner.testing import stripe_events
@@ -52,6 +54,33 @@ def clean_db(config):
     models.reset()
     shutil.rmtree(config.outbox_dir, ignore_errors=True)
     yield
+
+
+class RecordingRunner:
+    """Stands in for ansible-runner: every host succeeds; runs are kept for assertions."""
+
+    def __init__(self):
+        self.runs: list[tuple[str, list[dict]]] = []
+
+    def __call__(self, config, playbook, stores, secrets=None, on_event=None, ident=None,
+                 **kwargs):
+        self.runs.append((playbook, stores))
+        return RunResult(ident=ident or "x", playbook=playbook, status="successful", rc=0,
+                         artifact_dir=Path("/nonexistent"),
+                         hosts={s["name"]: HostOutcome(ok=True) for s in stores})
+
+
+@pytest.fixture(autouse=True)
+def recorded_runs(request):
+    """Unit tests run no playbook: the Ansible backend records what it was asked."""
+    if "integration" in request.node.nodeid.split("::")[0]:
+        yield None
+        return
+    real, operations.BACKEND = operations.BACKEND, RecordingRunner()
+    try:
+        yield operations.BACKEND
+    finally:
+        operations.BACKEND = real
 
 
 def apply_events(config, evts: list[dict]) -> None:

@@ -8,9 +8,9 @@ import json
 import pytest
 from pony.orm import db_session
 
-from provisioner.app import create_app
 from provisioner.models import AnsibleRun, HealthCheck, Instance, Job
 from provisioner.testing import stripe_events
+from provisioner.web import create_app
 from tests.conftest import apply_events
 from tests.wsgi import basic, call
 
@@ -235,8 +235,8 @@ def test_admin_action_form_needs_the_csrf_token(app, stores):
 def test_admin_suspend_and_unsuspend_from_the_page(app, stores, admin_config):
     import re as regex
 
+    from provisioner.ansible import operations
     from provisioner.worker import Worker
-    from tests.test_lifecycle import RecordingRunner
 
     store = stores["alpha-shop"]
     with db_session:
@@ -247,14 +247,14 @@ def test_admin_suspend_and_unsuspend_from_the_page(app, stores, admin_config):
     _, html, _ = call(app, "GET", f"/admin/instances/{store}/", headers=AUTH, raw=True)
     token = regex.search(rb'name="csrf" value="([0-9a-f]+)"', html).group(1).decode()
     assert b"Health history" in html and b'id="suspend-button"' in html
-    runner = RecordingRunner()
+    runner = operations.BACKEND  # the recorder tests/conftest.py puts there
     for action, playbook, status, hold in (("suspend", "suspend.yml", "suspended", True),
                                            ("unsuspend", "provision.yml", "running", False)):
         status_code, _, headers = call(
             app, "POST", f"/admin/instances/{store}/{action}/", body=f"csrf={token}".encode(),
             headers={**AUTH, "Content-Type": "application/x-www-form-urlencoded"}, raw=True)
         assert status_code == 303 and "queued" in headers["Location"]
-        Worker(admin_config, playbook_runner=runner).run_once()
+        Worker(admin_config).run_once()
         assert runner.runs[-1][0] == playbook
         with db_session:
             assert (Instance[store].status, Instance[store].admin_hold) == (status, hold)

@@ -3,7 +3,7 @@ import itertools
 import pytest
 from pony.orm import db_session, select
 
-from provisioner import events
+from provisioner import stripe_shapes
 from provisioner.models import Instance, Job, Subscription
 from provisioner.testing import stripe_events
 from tests.conftest import apply_events
@@ -59,8 +59,8 @@ def test_email_from_customer_email_when_no_details(config):
 def test_invoice_subscription_id_reads_both_shapes():
     new = stripe_events.invoice(customer="cus_1", subscription="sub_new")
     old = stripe_events.invoice(customer="cus_1", subscription="sub_old", old_shape=True)
-    assert events.invoice_subscription_id(new) == "sub_new"
-    assert events.invoice_subscription_id(old) == "sub_old"
+    assert stripe_shapes.invoice_subscription_id(new) == "sub_new"
+    assert stripe_shapes.invoice_subscription_id(old) == "sub_old"
     assert new.get("subscription") is None
 
 

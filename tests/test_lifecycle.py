@@ -11,31 +11,16 @@ import dataclasses
 import random
 import time
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 from pony.orm import db_session, select
 
-from provisioner import events, lifecycle, models
+from provisioner import lifecycle, models, subdomains
+from provisioner.ansible import operations
 from provisioner.models import Instance, Job, Notification, SubdomainHold, Subscription, utcnow
-from provisioner.playbook_runs import HostOutcome, RunResult
 from provisioner.testing import stripe_events
 from provisioner.worker import Worker
-from tests.conftest import apply_events
-
-
-class RecordingRunner:
-    """Stands in for ansible-runner: every host succeeds; runs are kept for assertions."""
-
-    def __init__(self):
-        self.runs: list[tuple[str, list[dict]]] = []
-
-    def __call__(self, config, playbook, stores, secrets=None, on_event=None, ident=None,
-                 **kwargs):
-        self.runs.append((playbook, stores))
-        return RunResult(ident=ident or "x", playbook=playbook, status="successful", rc=0,
-                         artifact_dir=Path("/nonexistent"),
-                         hosts={s["name"]: HostOutcome(ok=True) for s in stores})
+from tests.conftest import RecordingRunner, apply_events
 
 
 def lifecycle_events(with_cancel: bool = True) -> list[dict]:
@@ -81,10 +66,11 @@ def lifecycle_events(with_cancel: bool = True) -> list[dict]:
     return evts
 
 
-def deliver(config, evts: list[dict]) -> RecordingRunner:
+def deliver(config, evts: list[dict]):
     """Each event as the service would get it: recorded, then the worker drains the queue."""
-    runner = RecordingRunner()
-    worker = Worker(config, playbook_runner=runner)
+    # A fresh recorder (tests/conftest.py puts the real backend back after the test).
+    runner = operations.BACKEND = RecordingRunner()
+    worker = Worker(config)
     for evt in evts:
         _record(evt)
         worker.run_once()
@@ -157,10 +143,10 @@ def test_every_order_without_cancellation_ends_running_with_one_welcome(config):
             {provisions[0][0]["instance_id"]}
 
 
-def signed_up(config, runner=None):
+def signed_up(config):
     """A running store after a normal signup; returns the worker and its runner."""
-    runner = runner or RecordingRunner()
-    worker = Worker(config, playbook_runner=runner)
+    runner = operations.BACKEND
+    worker = Worker(config)
     evts = lifecycle_events()[:4]
     for evt in evts:
         _record(evt)
@@ -277,9 +263,7 @@ def test_cleanup_destroys_only_stores_past_their_deletion_date(config):
 
 def test_expired_checkout_releases_its_held_subdomain(config):
     with db_session:
-        events.hold_subdomain("janes-shop", "cs_test_1", "j@example.com", None)
-    from provisioner import subdomains
-
+        subdomains.hold("janes-shop", "cs_test_1", "j@example.com", None)
     with db_session, pytest.raises(subdomains.SubdomainTaken, match="being checked out"):
         subdomains.check_available("janes-shop")
     session = stripe_events.resource("checkout.session")

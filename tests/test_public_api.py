@@ -3,8 +3,8 @@
 import pytest
 from pony.orm import db_session
 
-from provisioner.app import create_app
 from provisioner.models import Instance
+from provisioner.web import create_app
 from tests.wsgi import call
 
 

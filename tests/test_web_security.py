@@ -9,10 +9,10 @@ import re
 import pytest
 from pony.orm import db_session
 
-from provisioner.app import create_app
-from provisioner.auth import client_address
 from provisioner.models import Instance, Job
 from provisioner.testing import stripe_events
+from provisioner.web import create_app
+from provisioner.web.auth import client_address
 from tests.conftest import apply_events
 from tests.wsgi import basic, call
 

@@ -3,17 +3,13 @@ JSON API and the admin pages alike (routes only translate HTTP)."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import urllib.error
-import urllib.request
 from collections import Counter
 from datetime import timedelta
 from pathlib import Path
 
 from pony.orm import count, desc, flush, select
 
-from provisioner import docker_hosts, jobs, lifecycle
+from provisioner import jobs
 from provisioner.config import Config
 from provisioner.models import (
     AnsibleRun,
@@ -27,8 +23,14 @@ from provisioner.models import (
     utcnow,
 )
 from provisioner.redaction import redact
+from provisioner.states import JobKind, JobState, StoreState
 
 PAYING = ("active", "trialing", "past_due")
+# Plain strings for Pony queries.
+_FAILED = JobState.FAILED.value
+_WAITING = (JobState.QUEUED.value, JobState.RUNNING.value)
+_RUNNING = StoreState.RUNNING.value
+_NEEDING_AN_ADMIN = (StoreState.FAILED.value, StoreState.NEEDS_ATTENTION.value)
 
 
 class NotFound(LookupError):
@@ -95,6 +97,18 @@ def log_summary(entry: LogEntry) -> dict:
     }
 
 
+def dashboard(config: Config) -> dict:
+    """The admin dashboard: counts, failing stores, recent signups, the job queue."""
+    failing = Instance.select(lambda i: i.status in _NEEDING_AN_ADMIN
+                              ).order_by(desc(Instance.id)).limit(20)
+    recent = Instance.select().order_by(desc(Instance.id)).limit(10)
+    queue = Job.select(lambda j: j.state in _WAITING).order_by(Job.id).limit(50)
+    return {"stats": stats(config),
+            "failing": [instance_summary(config, i) for i in failing],
+            "recent": [instance_summary(config, i) for i in recent],
+            "queue": [job_summary(j) for j in queue]}
+
+
 def list_instances(config: Config, status: str | None = None, q: str | None = None,
                    page: int = 1, per_page: int = 50) -> dict:
     query = Instance.select()
@@ -142,10 +156,10 @@ def queue_action(instance_id: int, action: str) -> Job:
     if not instance.live or instance.provisioned_at is None:
         raise Conflict(f"store {instance.subdomain} has no container to {action}")
     if action in ("start", "restart", "unsuspend") and \
-            instance.desired_state != lifecycle.RUNNING:
+            instance.desired_state != StoreState.RUNNING:
         raise Conflict(f"billing says {instance.desired_state}: it cannot be {action}ed")
     LogEntry(instance=instance, message=f"admin queued {action}")
-    job = jobs.enqueue("action", instance=instance, detail=action)
+    job = jobs.enqueue(JobKind.ACTION, instance=instance, detail=action)
     flush()
     return job
 
@@ -177,7 +191,7 @@ def stats(config: Config, days: int = 30) -> dict:
         "signups_per_day": dict(sorted(signups.items())),
         "cancellations_per_day": dict(sorted(cancellations.items())),
         "jobs_by_state": dict(select((j.state, count(j)) for j in Job)),
-        "job_failures": Job.select(lambda j: j.state == "failed").count(),
+        "job_failures": Job.select(lambda j: j.state == _FAILED).count(),
         "events_received": StripeEvent.select().count(),
         "events_failed": StripeEvent.select(lambda e: e.failed_at is not None).count(),
         "paying_subscriptions": paying,
@@ -192,54 +206,6 @@ def job_detail(job_id: int) -> dict:
         raise NotFound(f"no job {job_id}")
     return {**job_summary(job),
             "log": [log_summary(e) for e in job.logs.select().order_by(LogEntry.id)]}
-
-
-# -- live checks against Docker ---------------------------------------------
-
-def _docker(config: Config, instance: Instance, *args: str) -> str:
-    """`docker` against the engine the store lives on."""
-    url = docker_hosts.host_url(config, instance.docker_host)
-    result = subprocess.run(["docker", "-H", url, *args], capture_output=True, text=True,
-                            timeout=30)
-    if result.returncode != 0:
-        raise RuntimeError(result.stderr.strip() or f"docker {args[0]} failed")
-    return result.stdout
-
-
-def live_health(config: Config, instance: Instance) -> dict:
-    """Container state from Docker plus an HTTP /health/ on the store's own port."""
-    try:
-        state = json.loads(_docker(config, instance, "inspect", "--format",
-                                   "{{json .State}}", instance.container_name))
-        container = {"exists": True, "running": state.get("Running", False),
-                     "status": state.get("Status"), "started_at": state.get("StartedAt"),
-                     "restarts": state.get("RestartCount")}
-    except RuntimeError:
-        container = {"exists": False, "running": False, "status": "missing"}
-    http = {"ok": False, "status": None}
-    try:
-        with urllib.request.urlopen(  # noqa: S310 (fixed http URL on loopback)
-                f"http://127.0.0.1:{instance.port}/health/", timeout=5) as response:
-            http = {"ok": response.status == 200, "status": response.status}
-    except urllib.error.HTTPError as exc:
-        http = {"ok": False, "status": exc.code}
-    except OSError as exc:
-        http = {"ok": False, "status": None, "error": str(exc)}
-    return {"id": instance.id, "subdomain": instance.subdomain, "container": container,
-            "http": http, "healthy": container["running"] and http["ok"],
-            "checked_at": _iso(utcnow())}
-
-
-def live_stats(config: Config, instance: Instance) -> dict:
-    try:
-        raw = json.loads(_docker(config, instance, "stats", "--no-stream", "--format",
-                                 "{{json .}}", instance.container_name))
-    except RuntimeError as exc:
-        return {"id": instance.id, "available": False, "error": str(exc)}
-    return {"id": instance.id, "available": True, "cpu_percent": raw.get("CPUPerc"),
-            "memory": raw.get("MemUsage"), "memory_percent": raw.get("MemPerc"),
-            "network_io": raw.get("NetIO"), "block_io": raw.get("BlockIO"),
-            "pids": raw.get("PIDs")}
 
 
 # -- provisioning logs from ansible-runner artifacts ------------------------
@@ -273,8 +239,8 @@ def public_status() -> dict:
     live = Instance.select(lambda i: i.live)
     return {
         "service": "up",
-        "queue_depth": Job.select(lambda j: j.state in ("queued", "running")).count(),
-        "stores_running": live.filter(lambda i: i.status == "running").count(),
+        "queue_depth": Job.select(lambda j: j.state in _WAITING).count(),
+        "stores_running": live.filter(lambda i: i.status == _RUNNING).count(),
         "stores_total": live.count(),
         "last_ansible_run": _iso(last_run.finished_at) if last_run else None,
         "last_health_sweep": _iso(last_check.at) if last_check else None,

@@ -34,7 +34,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from cheroot import wsgi
 
     from provisioner import scheduler
-    from provisioner.app import create_app
+    from provisioner.web import create_app
     from provisioner.worker import serve_worker
 
     config = _configure()
@@ -77,10 +77,11 @@ def _finish(report, extra_failed: bool = False) -> int:
 
 def cmd_maintenance(args: argparse.Namespace) -> int:
     """health | sync | nginx: run now, in this process, with progress and a summary."""
-    from provisioner.worker import drain, run_maintenance
+    from provisioner import maintenance
+    from provisioner.worker import drain
 
     config = _configure()
-    report = run_maintenance(config, args.command, progress=_progress)
+    report = maintenance.run(config, args.command, progress=_progress)
     if args.command == "sync" and report.counts.get("corrected"):
         _progress("converging the stores sync corrected…")
         drain(config, timeout=args.timeout)
@@ -102,12 +103,13 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     containers; rotate old ansible artifacts and logs."""
     from pony.orm import db_session, select
 
-    from provisioner import lifecycle
+    from provisioner import maintenance
     from provisioner.models import Instance, Job
-    from provisioner.worker import drain, run_maintenance
+    from provisioner.states import JobKind, StoreState
+    from provisioner.worker import drain
 
     config = _configure()
-    report = run_maintenance(config, "cleanup", progress=_progress)
+    report = maintenance.run(config, JobKind.CLEANUP, progress=_progress)
     due = [line.split(":")[0] for line in report.lines if "archive then destroy" in line]
     if due:
         _progress(f"archiving then destroying {len(due)} store(s)…")
@@ -117,11 +119,12 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
         for name in due:
             instance = select(i for i in Instance if i.subdomain == name).order_by(
                 lambda i: -i.id).first()
-            if instance.status == lifecycle.DESTROYED:
+            if instance.status == StoreState.DESTROYED:
                 report.lines.append(f"{name}: archived to {instance.archive_path}, destroyed")
             else:
                 failed += 1
-                job = select(j for j in Job if j.instance == instance and j.kind == "destroy"
+                destroy = JobKind.DESTROY.value
+                job = select(j for j in Job if j.instance == instance and j.kind == destroy
                              ).order_by(lambda j: -j.id).first()
                 report.lines.append(f"{name}: NOT destroyed: "
                                     f"{job.last_error if job else instance.status}")
@@ -143,8 +146,8 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
 
 def cmd_ansible_vars(args: argparse.Namespace) -> int:
     """The service's settings as Ansible variables, for a sysadmin's group_vars."""
-    from provisioner.playbook_runs import settings_vars
-    from provisioner.untrusted import extra_vars_yaml
+    from provisioner.ansible.runner import settings_vars
+    from provisioner.ansible.untrusted import extra_vars_yaml
 
     config = _configure()
     print("---\n# Written by `provisioner ansible-vars` from the provisioner's settings.")

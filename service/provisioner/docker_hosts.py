@@ -50,6 +50,15 @@ def host_url(config: Config, name: str) -> str:
     return DEFAULT_DOCKER_URL
 
 
+def free_port(config: Config) -> int:
+    """The lowest port no live store has, on any host: hosts may share a loopback."""
+    used = set(select(i.port for i in Instance if i.live))
+    for port in range(config.port_range_start, config.port_range_end + 1):
+        if port not in used:
+            return port
+    raise NoCapacity(f"no free port in {config.port_range_start}-{config.port_range_end}")
+
+
 def place(config: Config) -> str:
     """The host with the most free room for a new store (needs a db_session)."""
     used = dict(select((i.docker_host, count(i)) for i in Instance if i.live))

@@ -1,9 +1,9 @@
-"""Stripe event handlers: each records what the event tells us, then reconciles.
+"""Stripe event handlers: each records what the event tells us (billing.py),
+then reconciles the stores it concerns (lifecycle.py).
 
 Adding a lifecycle event is adding a function decorated with `@handles`.
 Handlers run in the worker inside one db_session; raising makes the event's
-job retry. Subscription facts carry the time Stripe created the event, and an
-older snapshot never overwrites a newer one, so delivery order does not matter.
+job retry.
 """
 
 from __future__ import annotations
@@ -12,11 +12,16 @@ import json
 import logging
 import secrets
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 
-from pony.orm import flush, select
-
-from provisioner import docker_hosts, lifecycle, subdomains
+from provisioner import docker_hosts, lifecycle, stripe_sync, subdomains
+from provisioner.billing import (
+    apply_subscription,
+    customer_for,
+    reconcile_all,
+    set_status,
+    subscription_for,
+)
 from provisioner.config import Config
 from provisioner.models import (
     Customer,
@@ -27,16 +32,11 @@ from provisioner.models import (
     Subscription,
     utcnow,
 )
+from provisioner.stripe_shapes import invoice_subscription_id, object_id, timestamp
 
 log = logging.getLogger(__name__)
 Handler = Callable[[Config, dict, datetime], None]
 HANDLERS: dict[str, Handler] = {}
-
-# When two snapshots carry the same second, the later stage of a
-# subscription's life wins, whatever order they were applied in.
-STATUS_RANK = {None: 0, "incomplete": 1, "trialing": 2, "active": 3, "past_due": 4,
-               "unpaid": 5, "paused": 5, "incomplete_expired": 6, "canceled": 7}
-
 
 class EventError(Exception):
     """The event cannot be applied as it stands (retried, then visible as failed)."""
@@ -56,122 +56,11 @@ def apply(config: Config, event: StripeEvent) -> None:
     payload = json.loads(event.payload)
     handler = HANDLERS.get(event.type)
     if handler is not None:
-        at = _timestamp(payload.get("created")) or event.received_at
+        at = timestamp(payload.get("created")) or event.received_at
         handler(config, payload["data"]["object"], at)
     event.processed_at = utcnow()
     event.failed_at = None
     event.error = None
-
-
-# -- reading Stripe's shapes ------------------------------------------------
-
-def _id(value: object) -> str | None:
-    """Stripe fields hold either an id or an expanded object."""
-    if isinstance(value, dict):
-        value = value.get("id")
-    return value if isinstance(value, str) and value else None
-
-
-def invoice_subscription_id(invoice: dict) -> str | None:
-    """The subscription of an invoice, in the old or the current API shape."""
-    old = _id(invoice.get("subscription"))
-    if old:
-        return old
-    parent = invoice.get("parent") or {}
-    details = parent.get("subscription_details") or {}
-    new = _id(details.get("subscription"))
-    if new:
-        return new
-    for line in (invoice.get("lines") or {}).get("data") or []:
-        line_parent = (line.get("parent") or {}).get("subscription_item_details") or {}
-        found = _id(line.get("subscription")) or _id(line_parent.get("subscription"))
-        if found and found.startswith("sub_"):
-            return found
-    return None
-
-
-def subscription_period(sub: dict) -> tuple[datetime | None, datetime | None]:
-    """Current period from the subscription (old shape) or its first item (current shape)."""
-    start, end = sub.get("current_period_start"), sub.get("current_period_end")
-    if not start or not end:
-        items = (sub.get("items") or {}).get("data") or []
-        if items:
-            start = start or items[0].get("current_period_start")
-            end = end or items[0].get("current_period_end")
-    return _timestamp(start), _timestamp(end)
-
-
-def _timestamp(value: object) -> datetime | None:
-    if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
-        return datetime.fromtimestamp(value, UTC).replace(tzinfo=None)
-    return None
-
-
-# -- the facts --------------------------------------------------------------
-
-def subscription_for(stripe_id: str, stripe_customer_id: str | None) -> Subscription:
-    subscription = Subscription.get(stripe_id=stripe_id)
-    if subscription is None:
-        subscription = Subscription(stripe_id=stripe_id)
-    if stripe_customer_id and not subscription.stripe_customer_id:
-        subscription.stripe_customer_id = stripe_customer_id
-    if subscription.customer is None and subscription.stripe_customer_id:
-        subscription.customer = Customer.get(stripe_id=subscription.stripe_customer_id)
-    subscription.updated_at = utcnow()
-    return subscription
-
-
-def customer_for(stripe_customer_id: str | None, email: str) -> Customer:
-    customer = Customer.get(stripe_id=stripe_customer_id) if stripe_customer_id else None
-    if customer is None:
-        customer = Customer(stripe_id=stripe_customer_id, email=email)
-    elif email and customer.email != email:
-        customer.email = email
-    return customer
-
-
-def set_status(subscription: Subscription, status: str | None, at: datetime) -> bool:
-    """Take `status` as of `at` unless we already know something newer; True if taken."""
-    known = subscription.status_at
-    if known is not None and (at < known or (
-            at == known and STATUS_RANK.get(status, 0) < STATUS_RANK.get(subscription.status, 0))):
-        return False
-    if status == "past_due" and subscription.status != "past_due":
-        subscription.past_due_since = at
-    elif status != "past_due":
-        subscription.past_due_since = None
-    subscription.status = status
-    subscription.status_at = at
-    if status in ("active", "trialing"):
-        subscription.payment_confirmed = True
-    return True
-
-
-def apply_subscription(config: Config, sub: dict, at: datetime) -> Subscription:
-    """Record a subscription snapshot (from an event or from the Stripe API)."""
-    subscription = subscription_for(sub["id"], _id(sub.get("customer")))
-    if set_status(subscription, sub.get("status"), at):
-        start, end = subscription_period(sub)
-        subscription.current_period_start = start or subscription.current_period_start
-        subscription.current_period_end = end or subscription.current_period_end
-        subscription.cancel_at = _timestamp(sub.get("cancel_at"))
-        subscription.canceled_at = _timestamp(sub.get("canceled_at")) or \
-            _timestamp(sub.get("ended_at"))
-    return subscription
-
-
-def reconcile_all(config: Config, subscription: Subscription) -> None:
-    for instance in subscription.instances.select(lambda i: i.live):
-        lifecycle.reconcile(instance, config)
-
-
-def free_port(config: Config) -> int:
-    """The lowest port no live store has, on any host: hosts may share a loopback."""
-    used = set(select(i.port for i in Instance if i.live))
-    for port in range(config.port_range_start, config.port_range_end + 1):
-        if port not in used:
-            return port
-    raise EventError(f"no free port in {config.port_range_start}-{config.port_range_end}")
 
 
 def refresh_unknown_customer(config: Config, stripe_customer_id: str | None) -> None:
@@ -182,8 +71,6 @@ def refresh_unknown_customer(config: Config, stripe_customer_id: str | None) -> 
         return
     if Subscription.select(lambda s: s.stripe_customer_id == stripe_customer_id).exists():
         return
-    from provisioner import stripe_sync
-
     try:
         stripe_sync.refresh_customer(config, stripe_customer_id)
     except stripe_sync.StripeUnavailable as exc:
@@ -200,8 +87,8 @@ def checkout_completed(config: Config, session: dict, at: datetime) -> None:
     metadata = session.get("metadata") or {}
     details = session.get("customer_details") or {}
     email = details.get("email") or session.get("customer_email") or ""
-    stripe_customer_id = _id(session.get("customer"))
-    subscription_id = _id(session.get("subscription"))
+    stripe_customer_id = object_id(session.get("customer"))
+    subscription_id = object_id(session.get("subscription"))
     raw_name = metadata.get("subdomain") if isinstance(metadata.get("subdomain"), str) else ""
     site_name = str(metadata.get("site_name") or raw_name or "").strip()[:200] or "eBuilder store"
     customer = customer_for(stripe_customer_id, email or "unknown")
@@ -239,7 +126,7 @@ def checkout_completed(config: Config, session: dict, at: datetime) -> None:
         subdomain=name or (raw_name or "(none)")[:100], site_name=site_name,
         admin_email=email or "unknown", admin_password=secrets.token_urlsafe(12),
         customer=customer, subscription=subscription, checkout_session_id=session["id"],
-        port=0 if problem else free_port(config),
+        port=0 if problem else docker_hosts.free_port(config),
         docker_host="-" if problem else docker_hosts.place(config),
     )
     if problem:
@@ -278,7 +165,7 @@ def checkout_expired(config: Config, session: dict, at: datetime) -> None:
          "customer.subscription.deleted", "customer.subscription.paused",
          "customer.subscription.resumed")
 def subscription_changed(config: Config, sub: dict, at: datetime) -> None:
-    refresh_unknown_customer(config, _id(sub.get("customer")))
+    refresh_unknown_customer(config, object_id(sub.get("customer")))
     reconcile_all(config, apply_subscription(config, sub, at))
 
 
@@ -287,8 +174,8 @@ def invoice_paid(config: Config, invoice: dict, at: datetime) -> None:
     subscription_id = invoice_subscription_id(invoice)
     if subscription_id is None:
         return  # a one-off invoice: nothing to provision
-    refresh_unknown_customer(config, _id(invoice.get("customer")))
-    subscription = subscription_for(subscription_id, _id(invoice.get("customer")))
+    refresh_unknown_customer(config, object_id(invoice.get("customer")))
+    subscription = subscription_for(subscription_id, object_id(invoice.get("customer")))
     subscription.payment_confirmed = True
     # A paid invoice means the subscription is in good standing as of now,
     # unless it has ended.
@@ -296,9 +183,9 @@ def invoice_paid(config: Config, invoice: dict, at: datetime) -> None:
         set_status(subscription, "active", at)
     for line in (invoice.get("lines") or {}).get("data") or []:
         period = line.get("period") or {}
-        subscription.current_period_start = _timestamp(period.get("start")) or \
+        subscription.current_period_start = timestamp(period.get("start")) or \
             subscription.current_period_start
-        subscription.current_period_end = _timestamp(period.get("end")) or \
+        subscription.current_period_end = timestamp(period.get("end")) or \
             subscription.current_period_end
     reconcile_all(config, subscription)
 
@@ -308,20 +195,11 @@ def invoice_payment_failed(config: Config, invoice: dict, at: datetime) -> None:
     subscription_id = invoice_subscription_id(invoice)
     if subscription_id is None:
         return
-    refresh_unknown_customer(config, _id(invoice.get("customer")))
-    subscription = subscription_for(subscription_id, _id(invoice.get("customer")))
+    refresh_unknown_customer(config, object_id(invoice.get("customer")))
+    subscription = subscription_for(subscription_id, object_id(invoice.get("customer")))
     if subscription.status in lifecycle.ENDED_STATUSES:
         return
     # A renewal that failed makes Stripe mark the subscription past_due; a
     # first payment that failed leaves it incomplete (nothing was ever paid).
     set_status(subscription, "past_due" if subscription.payment_confirmed else "incomplete", at)
     reconcile_all(config, subscription)
-
-
-def hold_subdomain(name: str, session_id: str, email: str, expires_at: int | None) -> None:
-    """Promise `name` to an open checkout until it completes or expires (needs a db_session)."""
-    until = _timestamp(expires_at) or utcnow() + timedelta(hours=24)
-    for stale in SubdomainHold.select(lambda h: h.subdomain == name):
-        stale.delete()
-    flush()
-    SubdomainHold(subdomain=name, checkout_session_id=session_id, email=email, expires_at=until)

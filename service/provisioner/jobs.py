@@ -12,6 +12,9 @@ from datetime import timedelta
 from pony.orm import select
 
 from provisioner.models import Instance, Job, LogEntry, StripeEvent, utcnow
+from provisioner.states import JobState
+
+QUEUED, RUNNING, DONE, FAILED = (s.value for s in JobState)
 
 LEASE = timedelta(minutes=15)
 BACKOFF_CAP = timedelta(hours=1)
@@ -27,12 +30,12 @@ def enqueue(kind: str, *, instance: Instance | None = None, event: StripeEvent |
     waiting = select(
         j for j in Job
         if j.kind == kind and j.instance == instance and j.event == event
-        and j.detail == detail and j.state == "queued"
+        and j.detail == detail and j.state == QUEUED
     ).first()
     if waiting is not None:
         waiting.next_run_at = min(waiting.next_run_at, run_at)
         return waiting
-    return Job(kind=kind, instance=instance, event=event, detail=detail, next_run_at=run_at)
+    return Job(kind=str(kind), instance=instance, event=event, detail=detail, next_run_at=run_at)
 
 
 def claim_due(limit: int = 100) -> list[int]:
@@ -40,17 +43,17 @@ def claim_due(limit: int = 100) -> list[int]:
     now = utcnow()
     busy = set(select(
         j.instance.id for j in Job
-        if j.state == "running" and j.locked_until > now and j.instance is not None
+        if j.state == RUNNING and j.locked_until > now and j.instance is not None
     ))
     # Jobs without a store (maintenance) run one of a kind at a time.
     busy_kinds = set(select(
         j.kind for j in Job
-        if j.state == "running" and j.locked_until > now and j.instance is None
+        if j.state == RUNNING and j.locked_until > now and j.instance is None
     ))
     due = select(
         j for j in Job
-        if (j.state == "queued" and j.next_run_at <= now)
-        or (j.state == "running" and j.locked_until <= now)
+        if (j.state == QUEUED and j.next_run_at <= now)
+        or (j.state == RUNNING and j.locked_until <= now)
     ).order_by(Job.id)
     claimed: list[int] = []
     for job in due:
@@ -62,7 +65,7 @@ def claim_due(limit: int = 100) -> list[int]:
             if job.kind in busy_kinds:
                 continue
             busy_kinds.add(job.kind)
-        job.state = "running"
+        job.state = RUNNING
         job.attempts += 1
         job.locked_until = now + LEASE
         claimed.append(job.id)
@@ -72,7 +75,7 @@ def claim_due(limit: int = 100) -> list[int]:
 
 
 def complete(job: Job) -> None:
-    job.state = "done"
+    job.state = DONE
     job.finished_at = utcnow()
     job.locked_until = None
     job.last_error = None
@@ -85,14 +88,21 @@ def fail(job: Job, error: str, *, max_attempts: int, base_seconds: int) -> bool:
     LogEntry(level="error", message=f"{job.kind} job {job.id} attempt {job.attempts}: {error}",
              instance=job.instance, job=job)
     if job.attempts >= max_attempts:
-        job.state = "failed"
+        job.state = FAILED
         job.finished_at = utcnow()
         return False
     delay = min(timedelta(seconds=base_seconds * 2 ** (job.attempts - 1)), BACKOFF_CAP)
-    job.state = "queued"
+    job.state = QUEUED
     job.next_run_at = utcnow() + delay
     return True
 
 
+def give_up(job: Job, error: str) -> None:
+    """Fail at once: retrying cannot help (an admin has to decide)."""
+    job.state, job.last_error, job.finished_at, job.locked_until = FAILED, error, utcnow(), None
+    LogEntry(level="error", message=f"{job.kind} job {job.id}: {error}", instance=job.instance,
+             job=job)
+
+
 def pending_count() -> int:
-    return select(j for j in Job if j.state in ("queued", "running")).count()
+    return select(j for j in Job if j.state in (QUEUED, RUNNING)).count()

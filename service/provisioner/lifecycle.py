@@ -16,17 +16,16 @@ from datetime import datetime, timedelta
 from provisioner import jobs
 from provisioner.config import Config
 from provisioner.models import Instance, LogEntry, Notification, utcnow
+from provisioner.states import CONVERGED, JobKind, StoreState, transition
 
-PENDING = "pending"
-RUNNING = "running"
-SUSPENDED = "suspended"
-CANCELLED = "cancelled"
-DESTROYED = "destroyed"
-ATTENTION = "needs_attention"
-
-# Desired states the worker converges to with a playbook.
-CONVERGED = frozenset({RUNNING, SUSPENDED, CANCELLED})
+PENDING = StoreState.PENDING
+RUNNING = StoreState.RUNNING
+SUSPENDED = StoreState.SUSPENDED
+CANCELLED = StoreState.CANCELLED
+DESTROYED = StoreState.DESTROYED
+ATTENTION = StoreState.NEEDS_ATTENTION
 STOPPED = frozenset({SUSPENDED, CANCELLED})
+# Stripe subscription statuses after which nothing will be billed again.
 ENDED_STATUSES = frozenset({"canceled", "incomplete_expired"})
 
 
@@ -74,14 +73,14 @@ def reconcile(instance: Instance, config: Config) -> None:
         instance.delete_after = None
     if desired in CONVERGED and instance.status != desired and not (
             desired == RUNNING and instance.admin_hold):
-        jobs.enqueue("converge", instance=instance)
+        jobs.enqueue(JobKind.CONVERGE, instance=instance)
     elif desired == RUNNING and instance.welcome_sent_at is None:
         notify(instance, "welcome")
     ends = grace_ends(instance, config)
     if ends is not None and desired == RUNNING:
         notify(instance, "payment_warning", key=_key(instance.subscription.past_due_since))
         # Look again when the grace period is over.
-        jobs.enqueue("reconcile", instance=instance, delay=max(ends - utcnow(), timedelta(0)))
+        jobs.enqueue(JobKind.RECONCILE, instance=instance, delay=max(ends - utcnow(), timedelta(0)))
 
 
 def _key(moment: datetime | None) -> str:
@@ -91,7 +90,7 @@ def _key(moment: datetime | None) -> str:
 def notify(instance: Instance, notice: str, key: str = "-") -> None:
     """Queue a customer email unless this one (notice, key) already went out."""
     if Notification.get(instance=instance, notice=notice, key=key) is None:
-        jobs.enqueue("notify", instance=instance, detail=f"{notice}|{key}")
+        jobs.enqueue(JobKind.NOTIFY, instance=instance, detail=f"{notice}|{key}")
 
 
 def converged(instance: Instance, state: str) -> None:
@@ -100,7 +99,7 @@ def converged(instance: Instance, state: str) -> None:
     now = utcnow()
     if state in STOPPED and previous not in STOPPED:
         instance.stopped_since = now
-    instance.set_status(state)
+    transition(instance, state)
     if state == RUNNING:
         instance.provisioned_at = instance.provisioned_at or now
         if instance.welcome_sent_at is None:
@@ -117,7 +116,7 @@ def converged(instance: Instance, state: str) -> None:
 def needs_attention(instance: Instance, reason: str) -> None:
     """Park a store for an admin: it holds no name or port and nothing runs."""
     instance.live = False
-    instance.set_status(ATTENTION, reason)
+    transition(instance, ATTENTION, reason)
     instance.desired_state = ATTENTION
     LogEntry(instance=instance, level="error", message=f"needs attention: {reason}")
     notify(instance, "admin_attention")
@@ -135,5 +134,34 @@ def schedule_deletions(now: datetime | None = None) -> list[str]:
     """Queue archive-then-destroy for every store past its deletion date (needs a db_session)."""
     due = due_for_deletion(now)
     for instance in due:
-        jobs.enqueue("destroy", instance=instance)
+        jobs.enqueue(JobKind.DESTROY, instance=instance)
     return [instance.subdomain for instance in due]
+
+
+def acted(instance: Instance, action: str) -> None:
+    """An admin action went through; stop and suspend hold the store against billing."""
+    instance.admin_hold = action in ("stop", "suspend")
+    status = {"stop": StoreState.STOPPED, "suspend": SUSPENDED}.get(action, RUNNING)
+    if status == SUSPENDED and instance.stopped_since is None:
+        instance.stopped_since = utcnow()
+    transition(instance, status, f"{action} by an admin")
+    LogEntry(instance=instance, message=f"admin {action} done")
+
+
+def destroyed(instance: Instance, archive: str | None) -> None:
+    """Container, vhost and data are gone (the data archived first): name and port are free."""
+    instance.live = False
+    instance.archive_path = archive
+    instance.destroyed_at = utcnow()
+    instance.desired_state = DESTROYED
+    transition(instance, DESTROYED, f"archived to {archive}" if archive else None)
+    LogEntry(instance=instance, message=f"destroyed; data archived to {archive}")
+
+
+def failed(instance: Instance, error: str, retrying: bool) -> None:
+    """A job for this store failed: visible on it, as failed once retries are over."""
+    if retrying:
+        instance.status_message = f"retrying: {error}"
+        instance.updated_at = utcnow()
+    else:
+        transition(instance, StoreState.FAILED, error)

@@ -1,11 +1,9 @@
-"""The seed's maintenance commands, done through the playbooks: health, sync,
-nginx and cleanup. The CLI and the scheduled jobs call the same functions."""
+"""The maintenance operations: health, sync, nginx, cleanup and upgrade, done
+through the playbooks. The CLI and the scheduled jobs call the same functions."""
 
 from __future__ import annotations
 
-import json
 import shutil
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -13,11 +11,13 @@ from datetime import timedelta
 
 from pony.orm import db_session, flush
 
-from provisioner import docker_hosts, jobs, lifecycle
+from provisioner import docker_facts, docker_hosts, jobs, lifecycle
+from provisioner.ansible import operations
+from provisioner.ansible.operations import Operation
+from provisioner.ansible.store_vars import of_instance, with_target
 from provisioner.config import Config
 from provisioner.models import AnsibleRun, HealthCheck, Instance, LogEntry, utcnow
-from provisioner.playbook_runs import run_playbook
-from provisioner.runs import recorded_run
+from provisioner.states import CONVERGED, JobKind, StoreState, transition
 
 Progress = Callable[[str], None]
 
@@ -41,29 +41,51 @@ def _quiet(_: str) -> None:
     pass
 
 
+def run(config: Config, kind: str, progress: Progress = _quiet) -> Report:
+    """One maintenance operation by name (job kinds and CLI commands share these)."""
+    if kind == JobKind.HEALTH:
+        return health_sweep(config, progress)
+    if kind == JobKind.SYNC:
+        return sync(config, progress)
+    if kind == JobKind.NGINX:
+        return regenerate_vhosts(config, progress)
+    if kind == JobKind.CLEANUP:
+        report = Report("cleanup")
+        with db_session:
+            names = lifecycle.schedule_deletions()
+        report.counts["due for deletion"] = len(names)
+        report.lines += [f"{name}: archive then destroy queued" for name in names]
+        for part in (remove_orphans(config, progress), rotate_artifacts(config)):
+            report.counts.update(part.counts)
+            report.lines += part.lines
+        return report
+    raise ValueError(f"unknown maintenance {kind!r}")
+
+
+_RUNNING = StoreState.RUNNING.value
+
+
 def _running_stores() -> list[Instance]:
-    return list(Instance.select(lambda i: i.live and i.status == lifecycle.RUNNING
+    return list(Instance.select(lambda i: i.live and i.status == _RUNNING
                                 and not i.admin_hold).order_by(Instance.id))
 
 
-def health_sweep(config: Config, runner=run_playbook, progress: Progress = _quiet) -> Report:
+def health_sweep(config: Config, progress: Progress = _quiet) -> Report:
     """Check every running store through nginx; restart a newly unhealthy one once,
     alert the admin after HEALTH_ALERT_AFTER failures in a row."""
-    from provisioner.worker import store_vars
-
     report = Report("health", counts={"healthy": 0, "unhealthy": 0})
     started = time.perf_counter()
     with db_session:
-        stores = [store_vars(i) for i in _running_stores()]
+        stores = [of_instance(i) for i in _running_stores()]
     if not stores:
         return report
     progress(f"checking {len(stores)} store(s) in one playbook run…")
-    result = recorded_run(config, "health.yml", stores, runner=runner)
+    result = operations.run(config, Operation.HEALTH, stores)
     to_restart = []
     with db_session:
         for store in stores:
-            instance = Instance[int(store["instance_id"])]
-            outcome = result.hosts[store["name"]]
+            instance = Instance[int(store.instance_id)]
+            outcome = result.hosts[store.name]
             if outcome.ok:
                 instance.health_failures = 0
                 HealthCheck(instance=instance, ok=True, detail="healthy")
@@ -84,40 +106,25 @@ def health_sweep(config: Config, runner=run_playbook, progress: Progress = _quie
                 first = min(h.id for h in instance.health_checks if not h.ok and h.id > last_ok)
                 lifecycle.notify(instance, "admin_unhealthy", key=f"check-{first}")
             report.counts["unhealthy"] = report.counts.get("unhealthy", 0) + 1
-            report.lines.append(f"{store['name']}: {outcome.error}"
+            report.lines.append(f"{store.name}: {outcome.error}"
                                 + (f" -> {check.action}" if check.action else ""))
             report.failed = True
     if to_restart:
         progress(f"restarting {len(to_restart)} unhealthy store(s)…")
-        restarted = recorded_run(config, "restart.yml", to_restart, runner=runner)
+        restarted = operations.run(config, Operation.RESTART, to_restart)
         with db_session:
             for store in to_restart:
-                outcome = restarted.hosts[store["name"]]
+                outcome = restarted.hosts[store.name]
                 if outcome.ok:
-                    # restart.yml waited for /health/: the streak of failures is over.
-                    Instance[int(store["instance_id"])].health_failures = 0
-                LogEntry(instance=int(store["instance_id"]),
+                    # The restart waited for /health/: the streak of failures is over.
+                    Instance[int(store.instance_id)].health_failures = 0
+                LogEntry(instance=int(store.instance_id),
                          level="info" if outcome.ok else "error",
                          message="health: restarted after a failed check: "
                                  + ("ok" if outcome.ok else outcome.error or "failed"))
         report.counts["restarted"] = len(to_restart)
     report.seconds = time.perf_counter() - started
     return report
-
-
-def containers_on(config: Config, host: docker_hosts.DockerHost) -> dict[str, dict]:
-    """This installation's containers (by label) on one Docker host: name -> {state, labels}."""
-    output = subprocess.run(
-        ["docker", "-H", host.url, "ps", "-a", "--filter",
-         f"label=ebuilder.installation={config.installation_id}",
-         "--format", "{{json .}}"], capture_output=True, text=True, timeout=60, check=True).stdout
-    found = {}
-    for line in output.splitlines():
-        row = json.loads(line)
-        labels = dict(part.split("=", 1) for part in row.get("Labels", "").split(",")
-                      if "=" in part)
-        found[row["Names"]] = {"state": row.get("State"), "labels": labels}
-    return found
 
 
 def sync(config: Config, progress: Progress = _quiet) -> Report:
@@ -128,14 +135,14 @@ def sync(config: Config, progress: Progress = _quiet) -> Report:
     reality: dict[str, dict[str, dict]] = {}
     for host in docker_hosts.load_hosts(config):
         progress(f"reading containers on {host.name}…")
-        reality[host.name] = containers_on(config, host)
+        reality[host.name] = docker_facts.containers_on(config, host)
     with db_session:
         known = {(i.docker_host, i.container_name) for i in Instance.select(lambda i: i.live)}
         for instance in Instance.select(lambda i: i.live and i.provisioned_at is not None):
-            if instance.admin_hold or instance.desired_state not in lifecycle.CONVERGED:
+            if instance.admin_hold or instance.desired_state not in CONVERGED:
                 continue
             container = reality.get(instance.docker_host, {}).get(instance.container_name)
-            should_run = instance.desired_state == lifecycle.RUNNING
+            should_run = instance.desired_state == StoreState.RUNNING
             if container is None:
                 problem = "container missing"
             elif (container["state"] == "running") != should_run:
@@ -143,12 +150,10 @@ def sync(config: Config, progress: Progress = _quiet) -> Report:
             else:
                 report.counts["in step"] = report.counts.get("in step", 0) + 1
                 continue
-            instance.set_status("provisioning" if should_run else instance.status,
-                                f"sync: {problem}")
-            if not should_run:
-                instance.status = "out_of_step"
+            transition(instance, StoreState.PROVISIONING if should_run
+                       else StoreState.OUT_OF_STEP, f"sync: {problem}")
             LogEntry(instance=instance, level="warning", message=f"sync: {problem}; converging")
-            jobs.enqueue("converge", instance=instance)
+            jobs.enqueue(JobKind.CONVERGE, instance=instance)
             report.lines.append(f"{instance.subdomain}: {problem} -> converge queued")
             report.counts["corrected"] = report.counts.get("corrected", 0) + 1
     for host, containers in reality.items():
@@ -161,23 +166,21 @@ def sync(config: Config, progress: Progress = _quiet) -> Report:
     return report
 
 
-def regenerate_vhosts(config: Config, runner=run_playbook, progress: Progress = _quiet) -> Report:
+def regenerate_vhosts(config: Config, progress: Progress = _quiet) -> Report:
     """Every live store's vhost for its state, one nginx -t and reload per host."""
-    from provisioner.worker import store_record
-
     report = Report("nginx")
     started = time.perf_counter()
     with db_session:
-        stores = [store_record(config, i) for i in Instance.select(
+        stores = [with_target(config, i) for i in Instance.select(
             lambda i: i.live and i.provisioned_at is not None).order_by(Instance.id)]
     if stores:
         progress(f"rendering {len(stores)} vhost(s) in one playbook run…")
-        result = recorded_run(config, "nginx.yml", stores, runner=runner)
+        result = operations.run(config, Operation.NGINX, stores)
         report.counts["vhosts"] = len(stores)
         report.counts["changed"] = sum(h.changed for h in result.hosts.values())
         if result.status != "successful":
             report.failed = True
-            report.lines.append(f"nginx.yml {result.status}: "
+            report.lines.append(f"nginx {result.status}: "
                                 + "; ".join(h.error or "" for h in result.hosts.values()
                                             if not h.ok) or f"rc {result.rc}")
     report.seconds = time.perf_counter() - started
@@ -190,11 +193,10 @@ def remove_orphans(config: Config, progress: Progress = _quiet) -> Report:
     with db_session:
         known = {(i.docker_host, i.container_name) for i in Instance.select(lambda i: i.live)}
     for host in docker_hosts.load_hosts(config):
-        for name, info in containers_on(config, host).items():
+        for name, info in docker_facts.containers_on(config, host).items():
             if (host.name, name) in known or info["state"] == "running":
                 continue
-            subprocess.run(["docker", "-H", host.url, "rm", name], capture_output=True,
-                           check=True, timeout=60)
+            docker_facts.remove_container(host, name)
             report.lines.append(f"removed stopped orphan {name} on {host.name}")
             report.counts["removed"] = report.counts.get("removed", 0) + 1
     return report
@@ -218,13 +220,10 @@ def rotate_artifacts(config: Config) -> Report:
     return report
 
 
-def upgrade(config: Config, image: str, batch: int, runner=run_playbook,
-            progress: Progress = _quiet) -> Report:
+def upgrade(config: Config, image: str, batch: int, progress: Progress = _quiet) -> Report:
     """Roll `image` over the running stores, `batch` at a time, each batch healthy
     (the role waits for /health/, then the check through nginx) before the next.
     A store that fails goes back to its previous image and the rollout stops."""
-    from provisioner.worker import store_vars
-
     report = Report("upgrade")
     started = time.perf_counter()
     with db_session:
@@ -234,35 +233,35 @@ def upgrade(config: Config, image: str, batch: int, runner=run_playbook,
     for first in range(0, len(targets), batch):
         chunk = targets[first:first + batch]
         with db_session:
-            stores = [{**store_vars(Instance[i]), "image": image} for i, _ in chunk]
-        progress(f"batch {first // batch + 1}: {', '.join(s['name'] for s in stores)} -> {image}")
-        result = recorded_run(config, "provision.yml", stores, runner=runner)
+            stores = [of_instance(Instance[i]).with_(image=image) for i, _ in chunk]
+        progress(f"batch {first // batch + 1}: {', '.join(s.name for s in stores)} -> {image}")
+        result = operations.run(config, Operation.PROVISION, stores)
         failed = []
         with db_session:
             for (instance_id, previous), store in zip(chunk, stores, strict=True):
                 instance = Instance[instance_id]
-                outcome = result.hosts[store["name"]]
+                outcome = result.hosts[store.name]
                 if outcome.ok:
                     instance.image = image
                     LogEntry(instance=instance, message=f"upgraded {previous} -> {image}")
                     report.counts["upgraded"] = report.counts.get("upgraded", 0) + 1
                 else:
-                    failed.append({**store, "image": previous})
+                    failed.append(store.with_(image=previous))
                     LogEntry(instance=instance, level="error",
                              message=f"upgrade to {image} failed: {outcome.error}; rolling back")
-                    report.lines.append(f"{store['name']}: {image} failed ({outcome.error})")
+                    report.lines.append(f"{store.name}: {image} failed ({outcome.error})")
         if failed:
             progress(f"rolling back {len(failed)} store(s) and stopping the rollout…")
-            back = recorded_run(config, "provision.yml", failed, runner=runner)
+            back = operations.run(config, Operation.PROVISION, failed)
             with db_session:
                 for store in failed:
-                    ok = back.hosts[store["name"]].ok
-                    instance = Instance[int(store["instance_id"])]
-                    instance.image = store["image"] if store["image"] != config.ebuilder_image \
+                    ok = back.hosts[store.name].ok
+                    instance = Instance[int(store.instance_id)]
+                    instance.image = store.image if store.image != config.ebuilder_image \
                         else None
                     if not ok:
-                        instance.set_status("failed", f"rollback to {store['image']} failed")
-                    report.lines.append(f"{store['name']}: rolled back to {store['image']}"
+                        transition(instance, StoreState.FAILED, f"rollback to {store.image} failed")
+                    report.lines.append(f"{store.name}: rolled back to {store.image}"
                                         + ("" if ok else " (FAILED)"))
             report.counts["rolled back"] = len(failed)
             report.counts["not attempted"] = len(targets) - first - len(chunk)

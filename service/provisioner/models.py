@@ -78,8 +78,7 @@ class Instance(db.Entity):
     checkout_session_id = Optional(str, unique=True, nullable=True)
     port = Required(int)
     docker_host = Required(str, default="localhost")
-    # Actual state: pending, provisioning, running, suspended, cancelled,
-    # destroyed, failed, needs_attention (see lifecycle.py).
+    # Actual state: a states.StoreState, written only by states.transition.
     status = Required(str, default="pending")
     # What billing says it should be (lifecycle.desired_state).
     desired_state = Required(str, default="pending")
@@ -108,11 +107,6 @@ class Instance(db.Entity):
     @property
     def container_name(self) -> str:
         return f"ebuilder_{self.subdomain}"
-
-    def set_status(self, status: str, message: str | None = None) -> None:
-        self.status = status
-        self.status_message = message
-        self.updated_at = utcnow()
 
 
 class SubdomainHold(db.Entity):
@@ -152,13 +146,13 @@ class AnsibleRun(db.Entity):
 
 class Job(db.Entity):
     id = PrimaryKey(int, auto=True)
-    # event | converge | notify | reconcile | destroy
+    # A states.JobKind.
     kind = Required(str)
     # What exactly, for kinds that need it (notify: "notice|episode key").
     detail = Optional(str, nullable=True)
     instance = Optional(Instance)
     event = Optional(StripeEvent)
-    # queued | running | done | failed
+    # A states.JobState.
     state = Required(str, default="queued")
     attempts = Required(int, default=0)
     next_run_at = Required(datetime, default=utcnow)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import stripe
 
-from provisioner import events
+from provisioner import billing
 from provisioner.checkout import CheckoutUnavailable, stripe_client
 from provisioner.config import Config
 from provisioner.models import utcnow
@@ -24,11 +24,11 @@ def refresh_customer(config: Config, stripe_customer_id: str) -> int:
     except (CheckoutUnavailable, stripe.StripeError) as exc:
         raise StripeUnavailable(str(exc)) from None
     email = customer.to_dict().get("email") or ""
-    events.customer_for(stripe_customer_id, email)
+    billing.customer_for(stripe_customer_id, email)
     now = utcnow()
     count = 0
     for sub in listing.data:
-        subscription = events.apply_subscription(config, sub.to_dict(), now)
-        events.reconcile_all(config, subscription)
+        subscription = billing.apply_subscription(config, sub.to_dict(), now)
+        billing.reconcile_all(config, subscription)
         count += 1
     return count

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import re
+from datetime import timedelta
 
-from pony.orm import exists
+from pony.orm import exists, flush
 
 from provisioner.models import Instance, SubdomainHold, utcnow
+from provisioner.stripe_shapes import timestamp
 
 # Names that belong to us or that customers would mistake for us.
 RESERVED = frozenset({
@@ -79,3 +81,12 @@ def check_available(raw: object, email: str | None = None) -> str:
     if is_held(name):
         raise SubdomainTaken(f"'{name}' is being checked out by someone else")
     return name
+
+
+def hold(name: str, session_id: str, email: str, expires_at: int | None) -> None:
+    """Promise `name` to an open checkout until it completes or expires (needs a db_session)."""
+    until = timestamp(expires_at) or utcnow() + timedelta(hours=24)
+    for stale in SubdomainHold.select(lambda h: h.subdomain == name):
+        stale.delete()
+    flush()
+    SubdomainHold(subdomain=name, checkout_session_id=session_id, email=email, expires_at=until)

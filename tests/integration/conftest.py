@@ -22,10 +22,10 @@ from aiosmtpd.controller import Controller
 from cheroot import wsgi
 from pony.orm import db_session
 
-from provisioner.app import create_app
 from provisioner.config import load_config
 from provisioner.testing import stripe_events
 from provisioner.testing.stack import LocalNginx, free_port, wait_for_port
+from provisioner.web import create_app
 from provisioner.worker import serve_worker
 from tests.conftest import WEBHOOK_SECRET
 

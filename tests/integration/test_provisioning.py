@@ -11,10 +11,12 @@ from pathlib import Path
 
 from pony.orm import db_session, select
 
+from provisioner.ansible import operations
+from provisioner.ansible.operations import Operation
+from provisioner.ansible.runner import run_playbook
+from provisioner.ansible.store_vars import of_instance
 from provisioner.models import AnsibleRun, Instance, Job, StripeEvent
-from provisioner.playbook_runs import run_playbook
 from provisioner.testing import stripe_events
-from provisioner.worker import store_vars
 from tests.integration.conftest import https_request, inspect, wait_until_live
 
 
@@ -107,8 +109,8 @@ def test_second_playbook_run_changes_nothing(service):
     wait_until_live("steady-shop")
     started_at = inspect("ebuilder_steady-shop")["State"]["StartedAt"]
     with db_session:
-        stores = [store_vars(Instance.get(subdomain="steady-shop"))]
-    result = run_playbook(service.config, "provision.yml", stores)
+        stores = [of_instance(Instance.get(subdomain="steady-shop"))]
+    result = operations.run(service.config, Operation.PROVISION, stores)
     assert result.status == "successful"
     assert result.hosts["steady-shop"].ok
     assert result.hosts["steady-shop"].changed == 0

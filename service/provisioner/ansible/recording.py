@@ -1,6 +1,6 @@
-"""Playbook runs as the provisioning log sees them: an AnsibleRun row, its task
-events streamed into LogEntry rows as they happen, its outcome recorded.
-Every run the service or a CLI command starts goes through here."""
+"""Playbook runs as the provisioning log sees them: the one place an AnsibleRun
+row is made, its task events streamed into LogEntry rows as they happen, its
+outcome recorded. Every run the service or a CLI command starts goes through here."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import logging
 
 from pony.orm import db_session, flush, select
 
+from provisioner.ansible.runner import RunResult, artifact_dir, new_ident
 from provisioner.config import Config
-from provisioner.models import AnsibleRun, Instance, LogEntry, utcnow
-from provisioner.playbook_runs import RunResult, artifact_dir, new_ident, run_playbook
+from provisioner.models import AnsibleRun, Instance, Job, LogEntry, utcnow
 from provisioner.redaction import redact
 
 log = logging.getLogger(__name__)
@@ -30,27 +30,28 @@ def _instance_id(store: dict) -> int | None:
         return None
 
 
-def recorded_run(config: Config, playbook: str, stores: list[dict], secrets: dict | None = None,
-                 *, runner=run_playbook, ident: str | None = None, run_id: int | None = None,
-                 redact_values: list[str] | None = None,
-                 job_of: dict[str, int] | None = None) -> RunResult:
-    """Run a playbook for `stores`, recording it; `run_id` reuses a row made by the caller."""
-    ident = ident or new_ident(playbook)
+def recorded_run(config: Config, playbook: str, stores: list[dict], secrets: dict | None,
+                 *, runner, jobs: dict[str, int], redact_values: list[str]) -> RunResult:
+    """Run a playbook for `stores`: the AnsibleRun row, live task events, the outcome.
+
+    Each database write is its own short transaction: none spans the run."""
+    ident = new_ident(playbook)
     with db_session:
-        if run_id is None:
-            run = AnsibleRun(ident=ident, playbook=playbook,
-                             artifact_dir=str(artifact_dir(config, ident)))
-            flush()
-            run_id = run.id
+        run = AnsibleRun(ident=ident, playbook=playbook,
+                         artifact_dir=str(artifact_dir(config, ident)))
+        for job_id in jobs.values():
+            Job[job_id].ansible_run = run
+        flush()
+        run_id = run.id
         ids = [n for n in (_instance_id(s) for s in stores) if n is not None]
         known_ids = set(select(i.id for i in Instance if i.id in ids)) if ids else set()
     hosts = {}
     for store in stores:
         instance_id = _instance_id(store)
         hosts[store["name"]] = (instance_id if instance_id in known_ids else None,
-                                (job_of or {}).get(store["name"]))
-    values = list(redact_values or []) + config.secrets() + [
-        s.get("admin_password", "") for s in (secrets or {}).values()]
+                                jobs.get(store["name"]))
+    values = [*redact_values, *config.secrets(),
+              *(s.get("admin_password", "") for s in (secrets or {}).values())]
     sink = _EventSink(run_id, hosts, values)
     try:
         result = runner(config, playbook, stores, secrets, on_event=sink, ident=ident)
@@ -63,6 +64,7 @@ def recorded_run(config: Config, playbook: str, stores: list[dict], secrets: dic
         run = AnsibleRun[run_id]
         run.status, run.rc, run.finished_at = result.status, result.rc, utcnow()
         run.artifact_dir = str(result.artifact_dir)
+    result.run_id = run_id
     return result
 
 

@@ -22,8 +22,8 @@ from pathlib import Path
 
 from ansible_runner.interface import init_runner
 
+from provisioner.ansible.untrusted import extra_vars_yaml
 from provisioner.config import Config
-from provisioner.untrusted import extra_vars_yaml
 
 EventSink = Callable[[dict], None]
 
@@ -51,6 +51,8 @@ class RunResult:
     rc: int | None
     artifact_dir: Path
     hosts: dict[str, HostOutcome] = field(default_factory=dict)
+    # The AnsibleRun row, once recorded.
+    run_id: int | None = None
 
 
 def settings_vars(config: Config) -> dict:

@@ -1,0 +1,44 @@
+"""Operations by name: the only map from what the service wants done to a playbook.
+
+Every run goes through `run`, which records it (an AnsibleRun row, its task
+events streamed into the provisioning log as they happen) and returns each
+store's outcome. Tests swap `BACKEND` for a recorder that runs nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from enum import StrEnum
+
+from provisioner.ansible import recording
+from provisioner.ansible.runner import RunResult, run_playbook
+from provisioner.ansible.store_vars import StoreVars
+from provisioner.config import Config
+
+
+class Operation(StrEnum):
+    PROVISION = "provision"  # create or converge, running, behind its vhost
+    START = "start"
+    STOP = "stop"            # container stopped, vhost kept
+    RESTART = "restart"
+    SUSPEND = "suspend"      # stopped behind the suspended/closed page
+    DESTROY = "destroy"      # archive, verify, then remove everything
+    HEALTH = "health"        # container running and /health/ 200 through nginx
+    NGINX = "nginx"          # every vhost for its state, one reload per host
+    SYNC = "sync"            # every store to its state
+
+
+PLAYBOOKS = {operation: f"{operation.value}.yml" for operation in Operation}
+BACKEND = run_playbook
+
+
+def run(config: Config, operation: Operation, stores: Iterable[StoreVars], *,
+        secrets: dict | None = None, jobs: dict[str, int] | None = None,
+        redact: Iterable[str] = ()) -> RunResult:
+    """Run one operation over `stores` in one ansible run, recorded.
+
+    `secrets` maps a store name to its first-boot password; `jobs` maps a store
+    name to the job the run is for (linked to the run and its log)."""
+    return recording.recorded_run(config, PLAYBOOKS[Operation(operation)],
+                                  [store.as_dict() for store in stores], secrets,
+                                  runner=BACKEND, jobs=jobs or {}, redact_values=list(redact))

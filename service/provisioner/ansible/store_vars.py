@@ -1,0 +1,61 @@
+"""What a playbook is told about one store: one typed record, never a secret.
+
+The service's batches, the DB inventory (inventory/stores.py), bench/ and the
+tests all build it here; `playbooks/group_vars/stores.yml` maps it to the
+roles' inputs on the Ansible side.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+from provisioner.config import Config
+from provisioner.models import Instance
+from provisioner.states import StoreState
+
+VHOST_OF_STATE = {StoreState.SUSPENDED: "suspended", StoreState.CANCELLED: "closed"}
+
+
+@dataclass(frozen=True)
+class StoreVars:
+    name: str
+    instance_id: str
+    site_name: str
+    admin_email: str
+    port: int
+    docker_host: str
+    # None: the configured EBUILDER_IMAGE.
+    image: str | None = None
+    # For sync.yml, nginx.yml and the DB inventory: where the store should be.
+    state: str | None = None
+    # present | suspended | closed: the vhost nginx.yml renders.
+    vhost: str | None = None
+    # suspended | closed: the page suspend.yml shows.
+    page: str | None = None
+    # The tar.gz destroy.yml writes.
+    archive: str | None = None
+
+    def with_(self, **changes) -> StoreVars:
+        return replace(self, **changes)
+
+    def as_dict(self) -> dict:
+        return {key: value for key, value in asdict(self).items() if value is not None}
+
+
+def of_instance(instance: Instance) -> StoreVars:
+    return StoreVars(name=instance.subdomain, instance_id=str(instance.id),
+                     site_name=instance.site_name, admin_email=instance.admin_email,
+                     port=instance.port, docker_host=instance.docker_host, image=instance.image)
+
+
+def with_target(config: Config, instance: Instance) -> StoreVars:
+    """The store plus the state it should be in: for sync, nginx and the DB inventory."""
+    desired = instance.desired_state
+    state = desired if desired in (StoreState.RUNNING, StoreState.SUSPENDED,
+                                   StoreState.CANCELLED) else instance.status
+    if instance.admin_hold and state == StoreState.RUNNING:
+        state = StoreState.STOPPED
+    return of_instance(instance).with_(
+        image=instance.image or config.ebuilder_image, state=str(state),
+        vhost=VHOST_OF_STATE.get(state, "present"),
+        page=VHOST_OF_STATE.get(state, "suspended"))

@@ -1,0 +1,123 @@
+"""Store jobs turned into operations: which stores go into which run, and what a
+store's success means. Converge, admin actions and destroy jobs that are due
+together share one ansible run per operation (Ansible's start-up dominates).
+
+Planning reads the DB in one short transaction; the worker then runs the
+batch with no transaction open, and records each store's outcome in its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from pony.orm import db_session
+
+from provisioner import jobs, lifecycle
+from provisioner.ansible.operations import Operation
+from provisioner.ansible.store_vars import StoreVars, of_instance
+from provisioner.config import Config
+from provisioner.models import Instance, Job, utcnow
+from provisioner.states import CONVERGED, STOPPED_BY_BILLING, StoreState
+
+# Admin action -> (operation, store vars it needs).
+ADMIN_ACTIONS: dict[str, tuple[Operation, dict]] = {
+    "start": (Operation.START, {}),
+    "stop": (Operation.STOP, {}),
+    "restart": (Operation.RESTART, {}),
+    "suspend": (Operation.SUSPEND, {"page": "suspended"}),
+    "unsuspend": (Operation.PROVISION, {}),
+}
+
+
+@dataclass
+class Batch:
+    """One ansible run: the jobs' stores, and what success means for each store."""
+
+    operation: Operation
+    on_success: Callable[[Instance], None]
+    jobs: dict[int, StoreVars] = field(default_factory=dict)
+    secrets: dict[str, dict] = field(default_factory=dict)
+
+    def add(self, job: Job, store: StoreVars) -> None:
+        instance = job.instance
+        self.jobs[job.id] = store
+        if instance.admin_password:
+            self.secrets[store.name] = {"admin_password": instance.admin_password}
+        instance.status_message = f"running {self.operation}"
+        instance.updated_at = utcnow()
+
+
+def _needs_no_run(instance: Instance) -> bool:
+    desired = instance.desired_state
+    return (not instance.live or desired not in CONVERGED or instance.status == desired
+            or (desired == StoreState.RUNNING and instance.admin_hold))
+
+
+def plan_converge(job_ids: list[int]) -> list[Batch]:
+    """Stores to bring to their desired state, one batch per target state."""
+    batches: dict[str, Batch] = {}
+    with db_session:
+        for job_id in job_ids:
+            job = Job[job_id]
+            instance = job.instance
+            desired = StoreState(instance.desired_state) if instance.live else None
+            if _needs_no_run(instance):
+                jobs.complete(job)
+            elif desired in STOPPED_BY_BILLING and instance.provisioned_at is None:
+                lifecycle.converged(instance, desired)  # never built: nothing to stop
+                jobs.complete(job)
+            else:
+                if desired not in batches:
+                    batches[desired] = Batch(
+                        Operation.PROVISION if desired == StoreState.RUNNING
+                        else Operation.SUSPEND,
+                        on_success=lambda i, d=desired: lifecycle.converged(i, d))
+                page = {StoreState.SUSPENDED: "suspended",
+                        StoreState.CANCELLED: "closed"}.get(desired)
+                batches[desired].add(job, of_instance(instance).with_(page=page))
+    return list(batches.values())
+
+
+def plan_actions(job_ids: list[int]) -> tuple[list[Batch], list[tuple[int, str]]]:
+    """Admin actions, one batch per action; and the jobs that cannot run, with why."""
+    batches: dict[str, Batch] = {}
+    refused: list[tuple[int, str]] = []
+    with db_session:
+        for job_id in job_ids:
+            job = Job[job_id]
+            action = job.detail or ""
+            if action not in ADMIN_ACTIONS:
+                refused.append((job_id, f"unknown action {action!r}"))
+                continue
+            operation, extra = ADMIN_ACTIONS[action]
+            if action not in batches:
+                batches[action] = Batch(operation,
+                                        on_success=lambda i, a=action: lifecycle.acted(i, a))
+            batches[action].add(job, of_instance(job.instance).with_(**extra))
+    return list(batches.values()), refused
+
+
+def plan_destroy(config: Config, job_ids: list[int]) -> list[Batch]:
+    """Cancelled stores past their deletion date: archive (verified), then remove."""
+    stamp = utcnow().strftime("%Y%m%dT%H%M%S")
+    archives: dict[int, str] = {}
+
+    def archived(instance: Instance) -> None:
+        lifecycle.destroyed(instance, archives[instance.id])
+
+    batch = Batch(Operation.DESTROY, on_success=archived)
+    with db_session:
+        for job_id in job_ids:
+            job = Job[job_id]
+            instance = job.instance
+            if not instance.live or instance.desired_state != StoreState.CANCELLED:
+                jobs.complete(job)  # re-subscribed or already gone
+            elif instance.provisioned_at is None:
+                lifecycle.destroyed(instance, None)
+                jobs.complete(job)
+            else:
+                archives[instance.id] = \
+                    f"{config.backup_root}/{instance.subdomain}-{instance.id}-{stamp}.tar.gz"
+                batch.add(job, of_instance(instance).with_(archive=archives[instance.id]))
+    return [batch] if batch.jobs else []

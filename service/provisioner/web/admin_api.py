@@ -1,0 +1,90 @@
+"""The admin JSON API and Prometheus metrics: Basic or bearer auth, JSON-only POSTs."""
+
+from __future__ import annotations
+
+from bottle import request, response
+from pony.orm import db_session
+
+from provisioner import admin, docker_facts, metrics
+from provisioner.states import StoreState
+from provisioner.web.common import Route, Web, json_response, or_404, page_args
+
+STATUSES = tuple(state.value for state in StoreState)
+
+
+def instances(web: Web):
+    page, per_page = page_args()
+    status = request.query.get("status") or None
+    if status and status not in STATUSES:
+        return json_response(400, {"error": f"status must be one of {', '.join(STATUSES)}"})
+    with db_session:
+        return json_response(200, admin.list_instances(
+            web.config, status=status, q=request.query.get("q"), page=page, per_page=per_page))
+
+
+def instance(web: Web, instance_id: int):
+    with db_session:
+        return json_response(200, or_404(admin.instance_detail, web.config, instance_id))
+
+
+def act(web: Web, instance_id: int, action: str):
+    web.check_api_post()
+    try:
+        job_id = web.queue_action(instance_id, action)
+    except admin.Conflict as exc:
+        return json_response(409, {"error": str(exc)})
+    return json_response(202, {"job_id": job_id, "status_url": f"/api/jobs/{job_id}/"})
+
+
+def instance_health(web: Web, instance_id: int):
+    with db_session:
+        store = or_404(admin.get_instance, instance_id)
+        return json_response(200, docker_facts.live_health(web.config, store))
+
+
+def instance_stats(web: Web, instance_id: int):
+    with db_session:
+        store = or_404(admin.get_instance, instance_id)
+        return json_response(200, docker_facts.live_stats(web.config, store))
+
+
+def customers(web: Web):
+    page, per_page = page_args()
+    with db_session:
+        return json_response(200, admin.list_customers(page, per_page))
+
+
+def stats(web: Web):
+    with db_session:
+        return json_response(200, admin.stats(web.config))
+
+
+def job(web: Web, job_id: int):
+    with db_session:
+        return json_response(200, or_404(admin.job_detail, job_id))
+
+
+def run(web: Web, run_id: int):
+    with db_session:
+        return json_response(200, or_404(admin.run_detail, web.config, run_id))
+
+
+def prometheus(web: Web):
+    response.content_type = "text/plain; version=0.0.4; charset=utf-8"
+    with db_session:
+        return metrics.render(web.webhook_metrics)
+
+
+ROUTES = (
+    Route("GET", "/api/instances/", instances, auth="api"),
+    Route("GET", "/api/instances/<instance_id:int>/", instance, auth="api"),
+    *(Route("POST", f"/api/instances/<instance_id:int>/{action}/", act, auth="api",
+            fixed={"action": action}) for action in ("start", "stop", "restart")),
+    Route("GET", "/api/instances/<instance_id:int>/health/", instance_health, auth="api"),
+    Route("GET", "/api/instances/<instance_id:int>/stats/", instance_stats, auth="api"),
+    Route("GET", "/api/customers/", customers, auth="api"),
+    Route("GET", "/api/stats/", stats, auth="api"),
+    Route("GET", "/api/jobs/<job_id:int>/", job, auth="api"),
+    Route("GET", "/api/runs/<run_id:int>/", run, auth="api"),
+    Route("GET", "/metrics", prometheus, auth="api"),
+)

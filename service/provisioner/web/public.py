@@ -1,0 +1,123 @@
+"""Routes for everyone: Stripe's webhook, the signup page and its API, the status page."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from bottle import request
+from pony.orm import db_session
+
+from provisioner import admin, intake, subdomains
+from provisioner.checkout import (
+    CheckoutUnavailable,
+    create_checkout_session,
+    validate_email,
+    validate_site_name,
+)
+from provisioner.web.common import Route, Web, json_body, json_response, render
+from provisioner.web.openapi import document as openapi_document
+
+log = logging.getLogger(__name__)
+
+
+def stripe_webhook(web: Web):
+    started = time.perf_counter()
+    payload = request.body.read()
+    try:
+        event = intake.verify(payload, request.get_header("Stripe-Signature"),
+                              web.config.stripe_webhook_secret,
+                              web.config.stripe_webhook_tolerance)
+    except intake.RejectedEvent as exc:
+        log.warning("rejected webhook: %s", exc)
+        web.webhook_metrics.observe("rejected", time.perf_counter() - started)
+        return json_response(400, {"error": str(exc)})
+    recorded = intake.record(event, payload)
+    if not recorded.duplicate:
+        web.notify_worker()
+    elapsed = time.perf_counter() - started
+    web.webhook_metrics.observe("duplicate" if recorded.duplicate else "recorded", elapsed)
+    log.info("webhook %s %s%s in %.1f ms", recorded.type, recorded.stripe_id,
+             " (duplicate)" if recorded.duplicate else "", elapsed * 1000)
+    return json_response(200, {"received": True, "duplicate": recorded.duplicate})
+
+
+def check_subdomain(web: Web):
+    body = json_body()
+    try:
+        with db_session:
+            name = subdomains.check_available(body.get("subdomain"))
+    except subdomains.SubdomainTaken as exc:
+        return json_response(200, {"available": False, "reason": str(exc)})
+    except subdomains.InvalidSubdomain as exc:
+        return json_response(400, {"available": False, "error": str(exc)})
+    return json_response(200, {"available": True, "subdomain": name,
+                               "url": web.config.store_url(name)})
+
+
+def create_checkout(web: Web):
+    body = json_body()
+    try:
+        site_name = validate_site_name(body.get("site_name"))
+        email = validate_email(body.get("email"))
+        with db_session:
+            name = subdomains.check_available(body.get("subdomain"), email=email)
+    except subdomains.SubdomainTaken as exc:
+        return json_response(409, {"error": str(exc)})
+    except ValueError as exc:
+        return json_response(400, {"error": str(exc)})
+    try:
+        session = create_checkout_session(web.config, name, site_name, email)
+    except CheckoutUnavailable as exc:
+        return json_response(503, {"error": str(exc)})
+    with db_session:
+        subdomains.hold(name, session["id"], email, session.get("expires_at"))
+    return json_response(200, {"session_id": session["id"], "checkout_url": session["url"]})
+
+
+def service_health(web: Web):
+    return json_response(200, {"status": "ok"})
+
+
+def status_json(web: Web):
+    with db_session:
+        return json_response(200, admin.public_status())
+
+
+def openapi(web: Web):
+    return json_response(200, openapi_document())
+
+
+def signup_page(web: Web):
+    return render("signup.html", base_domain=web.config.base_domain)
+
+
+def signup_success(web: Web):
+    return render("signup_done.html", heading="Thank you!",
+                  text="Your payment went through. Your store is being built now; "
+                       "you will get an email with its address and your login in a minute.")
+
+
+def signup_cancelled(web: Web):
+    return render("signup_done.html", heading="Checkout cancelled",
+                  text="Nothing was charged. You can start again whenever you like.")
+
+
+def status_page(web: Web):
+    with db_session:
+        return render("status.html", status=admin.public_status(), refresh=30)
+
+
+ROUTES = (
+    Route("POST", "/api/webhook/stripe/", stripe_webhook),
+    Route("POST", "/api/check-subdomain/", check_subdomain, per_minute="check_subdomain"),
+    Route("POST", "/api/create-checkout/", create_checkout, per_minute="checkout"),
+    Route("GET", "/api/health/", service_health),
+    Route("GET", "/api/status/", status_json),
+    Route("GET", "/api/openapi.json", openapi),
+    Route("GET", "/", signup_page),
+    Route("GET", "/signup/", signup_page),
+    Route("GET", "/signup/success/", signup_success),
+    Route("GET", "/signup/cancelled/", signup_cancelled),
+    Route("GET", "/status/", status_page),
+)
