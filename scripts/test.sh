@@ -3,6 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh --with-browser
-.venv/bin/ruff check service tests
+.venv/bin/ruff check service tests bench inventory
 .venv/bin/ansible-lint --profile production playbooks roles
 .venv/bin/python -m pytest -p no:cacheprovider "$@"

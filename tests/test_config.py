@@ -61,15 +61,47 @@ def test_security_settings(tmp_path):
     assert config.trusted_proxies == ("10.0.0.1/32", "192.168.0.0/24")
 
 
-def test_installation_id_is_generated_once_and_kept(config):
+def test_installation_id_is_kept_and_a_different_one_refused(config):
     import dataclasses
 
     from provisioner import models
 
+    # The test database took INSTALLATION_ID on first use; unset, it is still that one.
     unset = dataclasses.replace(config, installation_id="")
-    first = models.installation_id(unset)
-    assert first.startswith("eb-") and models.installation_id(unset) == first
-    models.reset()  # emptying the tables between tests keeps it too
-    assert models.installation_id(unset) == first
-    # A configured one wins.
-    assert models.installation_id(config) == config.installation_id != first
+    assert models.installation_id(unset) == config.installation_id
+    models.reset()  # emptying the tables between tests keeps it
+    assert models.installation_id(config) == config.installation_id
+    with pytest.raises(ConfigError, match="belongs to installation"):
+        models.installation_id(dataclasses.replace(config, installation_id="someone-else"))
+
+
+def test_readme_settings_table_is_the_settings_table():
+    import dataclasses
+    from pathlib import Path
+
+    from provisioner.config import Config
+    from provisioner.settings import SETTINGS, settings_table
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = readme.index("| setting | default | meaning |")
+    end = readme.index("<!-- /settings -->")
+    assert readme[start:end] == settings_table()
+    # One row per Config field that a variable sets; each variable once.
+    fields = {f.name for f in dataclasses.fields(Config)} - {
+        "project_dir", "worker_poll_seconds", "ansible_forks"}
+    assert {s.field for s in SETTINGS} == fields
+    assert len({s.env for s in SETTINGS}) == len(SETTINGS)
+
+
+def test_readme_and_architecture_list_every_module():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    package = root / "service" / "provisioner"
+    modules = {str(p.relative_to(package)) for p in package.rglob("*.py")
+               if p.name != "__init__.py" and "testing" not in p.parts}
+    modules.add("web/__init__.py")
+    for doc in (root / "README.md", root / "docs" / "architecture.md"):
+        text = doc.read_text()
+        missing = sorted(m for m in modules if f"`{m}`" not in text)
+        assert not missing, f"{doc.name} does not list {missing}"

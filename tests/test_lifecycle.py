@@ -245,8 +245,9 @@ def test_cleanup_destroys_only_stores_past_their_deletion_date(config):
     worker.run_once()
     with db_session:
         assert lifecycle.schedule_deletions() == []
-        Instance.get(subdomain="janes-shop").delete_after = utcnow() - timedelta(minutes=1)
-        assert lifecycle.schedule_deletions() == ["janes-shop"]
+        store = Instance.get(subdomain="janes-shop")
+        store.delete_after = utcnow() - timedelta(minutes=1)
+        assert lifecycle.schedule_deletions() == [store.id]
     worker.run_once()
     playbook, stores = runner.runs[-1]
     assert playbook == "destroy.yml"

@@ -137,7 +137,12 @@ def test_behind_a_trusted_proxy_the_forwarded_client_counts(admin_config):
     # The client may prepend anything; the hop our proxy saw is the rightmost untrusted one.
     ("10.0.0.2", "6.6.6.6, 1.2.3.4, 10.0.0.3", ("10.0.0.0/8",), "1.2.3.4"),
     ("10.0.0.2", "", ("10.0.0.0/8",), "10.0.0.2"),
-    ("::1", "2001:db8::5", ("::1/128",), "2001:db8::5"),
+    # IPv6 clients count per /64 (one subscriber's whole network).
+    ("::1", "2001:db8::5", ("::1/128",), "2001:db8::/64"),
+    ("2001:db8:0:1::7", "", (), "2001:db8:0:1::/64"),
+    # A dual-stack socket reports an IPv4 proxy as IPv4-mapped IPv6.
+    ("::ffff:127.0.0.1", "203.0.113.4", ("127.0.0.1",), "203.0.113.4"),
+    ("::ffff:198.51.100.2", "", (), "198.51.100.2"),
 ])
 def test_client_address(config, peer, forwarded, trusted, expected):
     environ = {"REMOTE_ADDR": peer, "HTTP_X_FORWARDED_FOR": forwarded}
@@ -159,3 +164,23 @@ def test_public_posts_are_limited_per_address(config):
     statuses = [call(app, "POST", "/api/create-checkout/", {"subdomain": "abc"})[0]
                 for _ in range(3)]
     assert statuses == [400, 400, 429]
+
+
+def test_many_addresses_in_one_ipv6_network_share_one_limit(app):
+    statuses = [call(app, "GET", "/api/stats/", headers=basic("admin", "guess"),
+                     remote_addr=f"2001:db8::{n:x}")[0] for n in range(1, 40)]
+    assert statuses.count(401) == 5 and statuses.count(429) == 34
+
+
+def test_the_throttle_forgets_the_stalest_keys_beyond_its_cap():
+    from provisioner.web.auth import SlidingWindow
+
+    window = SlidingWindow(limit=5, window=300, max_keys=1000)
+    for n in range(5000):
+        window.add(f"198.51.{n // 256}.{n % 256}")
+    assert len(window._events) == 1000
+    # The newest keys are the ones kept.
+    assert "198.51.19.135" in window._events and "198.51.0.0" not in window._events
+    for _ in range(5):
+        window.add("203.0.113.1")
+    assert window.retry_after("203.0.113.1") > 0

@@ -54,7 +54,7 @@ def test_webhooks_are_answered_while_a_health_sweep_runs(config):
     try:
         assert runner.started.wait(30), "the health sweep never started its playbook"
         answered = []
-        for n in range(5):
+        for _ in range(5):
             evt = stripe_events.event("customer.created", stripe_events.resource("customer"))
             payload = stripe_events.encode(evt)
             request = urllib.request.Request(

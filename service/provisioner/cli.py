@@ -101,35 +101,17 @@ def _failed_since(report) -> bool:
 def cmd_cleanup(args: argparse.Namespace) -> int:
     """Archive then destroy stores past their deletion date; remove stopped orphan
     containers; rotate old ansible artifacts and logs."""
-    from pony.orm import db_session, select
-
     from provisioner import maintenance
-    from provisioner.models import Instance, Job
-    from provisioner.states import JobKind, StoreState
+    from provisioner.states import JobKind
     from provisioner.worker import drain
 
     config = _configure()
     report = maintenance.run(config, JobKind.CLEANUP, progress=_progress)
-    due = [line.split(":")[0] for line in report.lines if "archive then destroy" in line]
-    if due:
-        _progress(f"archiving then destroying {len(due)} store(s)…")
+    if report.queued:
+        _progress(f"archiving then destroying {len(report.queued)} store(s)…")
         drain(config, timeout=args.timeout)
-    failed = 0
-    with db_session:
-        for name in due:
-            instance = select(i for i in Instance if i.subdomain == name).order_by(
-                lambda i: -i.id).first()
-            if instance.status == StoreState.DESTROYED:
-                report.lines.append(f"{name}: archived to {instance.archive_path}, destroyed")
-            else:
-                failed += 1
-                destroy = JobKind.DESTROY.value
-                job = select(j for j in Job if j.instance == instance and j.kind == destroy
-                             ).order_by(lambda j: -j.id).first()
-                report.lines.append(f"{name}: NOT destroyed: "
-                                    f"{job.last_error if job else instance.status}")
-    report.counts["destroyed"] = len(due) - failed
-    return _finish(report, extra_failed=failed > 0)
+        maintenance.report_destroyed(report)
+    return _finish(report)
 
 
 def cmd_upgrade(args: argparse.Namespace) -> int:
@@ -152,6 +134,18 @@ def cmd_ansible_vars(args: argparse.Namespace) -> int:
     config = _configure()
     print("---\n# Written by `provisioner ansible-vars` from the provisioner's settings.")
     print(extra_vars_yaml(settings_vars(config)), end="")
+    return 0
+
+
+def cmd_settings(args: argparse.Namespace) -> int:
+    """Every setting with its default and meaning (the README's table), or a check of them."""
+    from provisioner.config import settings_table
+
+    if args.check:
+        _configure()
+        print("provisioner: configuration is valid")
+        return 0
+    print(settings_table(), end="")
     return 0
 
 
@@ -213,6 +207,10 @@ def main(argv: list[str] | None = None) -> int:
     ansible_vars = sub.add_parser("ansible-vars",
                                   help="print settings as Ansible vars (inventory/group_vars)")
     ansible_vars.set_defaults(func=cmd_ansible_vars)
+    settings = sub.add_parser("settings", help="list every setting (markdown); --check validates")
+    settings.add_argument("--check", action="store_true",
+                          help="load .env and the environment, report the first bad setting")
+    settings.set_defaults(func=cmd_settings)
     stats = sub.add_parser("stats", help="counts per state, revenue, failures")
     stats.add_argument("--json", action="store_true")
     stats.set_defaults(func=cmd_stats)

@@ -1,22 +1,21 @@
 """The one run configuration, read once from the environment and `.env`.
 
-Every setting the service, the worker and the playbooks use is named here;
-nothing else reads `os.environ`.
+Every setting the service, the worker and the playbooks use is a row of
+settings.SETTINGS (its name, default, parser and meaning). Nothing else reads
+`os.environ`.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from provisioner.settings import REQUIRED, SETTINGS, ConfigError, settings_table
+
+__all__ = ["Config", "ConfigError", "load_config", "read_env_file", "settings_table"]
+
 PROJECT_DIR = Path(__file__).resolve().parents[2]
-
-
-class ConfigError(Exception):
-    """A missing or invalid setting; its message is one line naming it."""
 
 
 def read_env_file(path: Path) -> dict[str, str]:
@@ -40,127 +39,65 @@ def read_env_file(path: Path) -> dict[str, str]:
     return values
 
 
-def _int(env: dict[str, str], name: str, default: int, low: int = 0, high: int = 65535) -> int:
-    raw = env.get(name, "")
-    if raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
-    if not low <= value <= high:
-        raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
-    return value
-
-
-def _bool(env: dict[str, str], name: str, default: bool) -> bool:
-    raw = env.get(name, "").strip().lower()
-    if raw == "":
-        return default
-    if raw in ("1", "true", "yes", "on"):
-        return True
-    if raw in ("0", "false", "no", "off"):
-        return False
-    raise ConfigError(f"{name} must be true or false, got {raw!r}")
-
-
-def _time_of_day(env: dict[str, str], name: str, default: str) -> str:
-    raw = env.get(name, "").strip() or default
-    hours, _, minutes = raw.partition(":")
-    if not (hours.isdigit() and minutes.isdigit() and int(hours) < 24 and int(minutes) < 60
-            and len(minutes) == 2):
-        raise ConfigError(f"{name} must be HH:MM, got {raw!r}")
-    return f"{int(hours):02d}:{minutes}"
-
-
-def _required(env: dict[str, str], name: str) -> str:
-    value = env.get(name, "").strip()
-    if not value:
-        raise ConfigError(f"{name} is required but not set")
-    return value
-
-
-def _networks(env: dict[str, str], name: str) -> tuple[str, ...]:
-    """Comma-separated addresses or CIDR networks."""
-    values = []
-    for part in env.get(name, "").split(","):
-        if not part.strip():
-            continue
-        try:
-            values.append(str(ipaddress.ip_network(part.strip(), strict=False)))
-        except ValueError:
-            raise ConfigError(f"{name}: {part.strip()!r} is not an IP address or network") \
-                from None
-    return tuple(values)
-
-
-_INSTALLATION_ID = re.compile(r"[a-z0-9][a-z0-9_.-]{2,62}")
-
-
-def _installation_id(env: dict[str, str]) -> str:
-    raw = env.get("INSTALLATION_ID", "").strip()
-    if raw and not _INSTALLATION_ID.fullmatch(raw):
-        raise ConfigError("INSTALLATION_ID must be 3-63 of a-z, 0-9, '.', '_', '-', "
-                          f"starting with a letter or digit, got {raw!r}")
-    return raw
-
-
 @dataclass(frozen=True)
 class Config:
-    stripe_webhook_secret: str
+    """The settings, by field name (SETTINGS says which variable sets each, and its default)."""
+
+    stripe_webhook_secret: str = field(repr=False)
     base_domain: str
+    stripe_secret_key: str = field(repr=False)
+    stripe_price_id: str
+    stripe_api_base: str
+    stripe_webhook_tolerance: int
+    public_url: str
     data_dir: Path
-    stripe_secret_key: str = ""
-    stripe_price_id: str = ""
-    stripe_api_base: str = ""
-    stripe_webhook_tolerance: int = 300
-    public_url: str = "http://127.0.0.1:8000"
-    ebuilder_image: str = "ebuilder-standin:latest"
-    customer_data_root: Path = Path("/srv/ebuilder/customers")
-    container_network: str = "ebuilder"
-    port_range_start: int = 9000
-    port_range_end: int = 9999
-    nginx_config_dir: Path = Path("/etc/nginx/conf.d")
-    nginx_bin: str = "nginx"
-    nginx_main_conf: str = ""
-    nginx_http_listen: str = "80"
-    nginx_https_listen: str = "443"
-    wildcard_ssl_cert: str = "/etc/ssl/certs/wildcard.pem"
-    wildcard_ssl_key: str = "/etc/ssl/private/wildcard.key"
-    default_from_email: str = "eBuilder <noreply@localhost>"
-    email_host: str = ""
-    email_port: int = 25
-    email_host_user: str = ""
-    email_host_password: str = field(default="", repr=False)
-    email_use_tls: bool = False
-    database_url: str = ""
-    admin_user: str = "admin"
-    admin_password: str = field(default="", repr=False)
-    admin_token: str = field(default="", repr=False)
-    plan_price_pence: int = 1200
+    database_url: str = field(repr=False)
+    ebuilder_image: str
+    customer_data_root: Path
+    container_network: str
+    port_range_start: int
+    port_range_end: int
+    nginx_config_dir: Path
+    nginx_bin: str
+    nginx_main_conf: str
+    nginx_http_listen: str
+    nginx_https_listen: str
+    wildcard_ssl_cert: str
+    wildcard_ssl_key: str
+    default_from_email: str
+    email_host: str
+    email_port: int
+    email_host_user: str
+    email_host_password: str = field(repr=False)
+    email_use_tls: bool
+    admin_user: str
+    admin_password: str = field(repr=False)
+    admin_token: str = field(repr=False)
+    plan_price_pence: int
+    suspend_after_days: int
+    delete_after_days: int
+    backup_root: Path
+    admin_notify_email: str
+    inventory_path: str
+    max_stores_per_host: int
+    health_wait_seconds: int
+    health_alert_after: int
+    health_interval_minutes: int
+    sync_interval_minutes: int
+    cleanup_at: str
+    artifact_retention_days: int
+    job_max_attempts: int
+    job_retry_base_seconds: int
+    # Labels every container, network and vhost we make; when unset, the one
+    # generated into the database (models.open_database) fills it.
+    installation_id: str
+    trusted_proxies: tuple[str, ...]
+    check_subdomain_per_minute: int
+    checkout_per_minute: int
+    # Not settings: where the project is, and the worker's pace.
     project_dir: Path = PROJECT_DIR
-    suspend_after_days: int = 7
-    delete_after_days: int = 30
-    backup_root: Path = Path("/srv/ebuilder/backups")
-    admin_notify_email: str = ""
-    inventory_path: str = ""
-    max_stores_per_host: int = 100
-    health_wait_seconds: int = 60
-    health_alert_after: int = 3
-    artifact_retention_days: int = 30
-    health_interval_minutes: int = 5
-    sync_interval_minutes: int = 60
-    cleanup_at: str = "03:30"
-    job_max_attempts: int = 5
-    job_retry_base_seconds: int = 5
     worker_poll_seconds: float = 1.0
     ansible_forks: int = 10
-    # Labels every container, network and vhost we make; set by INSTALLATION_ID
-    # or generated once into the database (models.open_database).
-    installation_id: str = ""
-    trusted_proxies: tuple[str, ...] = ()
-    check_subdomain_per_minute: int = 60
-    checkout_per_minute: int = 10
 
     @property
     def database_path(self) -> Path:
@@ -210,68 +147,19 @@ def load_config(environ: dict[str, str] | None = None, env_file: Path | None = N
         env_file = Path(os.environ.get("PROVISIONER_ENV_FILE", ".env"))
     env = read_env_file(env_file)
     env.update(os.environ if environ is None else environ)
-
-    base_domain = _required(env, "BASE_DOMAIN").lower()
-    start = _int(env, "PORT_RANGE_START", 9000, 1024)
-    end = _int(env, "PORT_RANGE_END", 9999, 1024)
-    if end < start:
-        raise ConfigError(f"PORT_RANGE_END ({end}) must not be below PORT_RANGE_START ({start})")
-    secret_key = env.get("STRIPE_SECRET_KEY", "")
-    if secret_key and not secret_key.startswith(("sk_", "rk_")):
-        raise ConfigError("STRIPE_SECRET_KEY must start with sk_ or rk_")
-    webhook_secret = _required(env, "STRIPE_WEBHOOK_SECRET")
-    if not webhook_secret.startswith("whsec_"):
-        raise ConfigError("STRIPE_WEBHOOK_SECRET must start with whsec_")
-    data_dir = Path(env.get("PROVISIONER_DATA_DIR") or "/var/lib/ebuilder-provisioner").resolve()
-    admin_password = env.get("PROVISIONER_ADMIN_PASSWORD", "")
-    return Config(
-        stripe_webhook_secret=webhook_secret,
-        base_domain=base_domain,
-        data_dir=data_dir,
-        stripe_secret_key=secret_key,
-        stripe_price_id=env.get("STRIPE_PRICE_ID", ""),
-        stripe_api_base=env.get("STRIPE_API_BASE", "").rstrip("/"),
-        stripe_webhook_tolerance=_int(env, "STRIPE_WEBHOOK_TOLERANCE", 300, 1, 86400),
-        public_url=env.get("PROVISIONER_PUBLIC_URL", "http://127.0.0.1:8000").rstrip("/"),
-        ebuilder_image=env.get("EBUILDER_IMAGE") or "ebuilder-standin:latest",
-        customer_data_root=Path(env.get("CUSTOMER_DATA_ROOT") or "/srv/ebuilder/customers"),
-        container_network=env.get("CONTAINER_NETWORK") or "ebuilder",
-        port_range_start=start,
-        port_range_end=end,
-        nginx_config_dir=Path(env.get("NGINX_CONFIG_DIR") or "/etc/nginx/conf.d"),
-        nginx_bin=env.get("NGINX_BIN") or "nginx",
-        nginx_main_conf=env.get("NGINX_MAIN_CONF", ""),
-        nginx_http_listen=env.get("NGINX_HTTP_LISTEN") or "80",
-        nginx_https_listen=env.get("NGINX_HTTPS_LISTEN") or "443",
-        wildcard_ssl_cert=env.get("WILDCARD_SSL_CERT") or "/etc/ssl/certs/wildcard.pem",
-        wildcard_ssl_key=env.get("WILDCARD_SSL_KEY") or "/etc/ssl/private/wildcard.key",
-        default_from_email=env.get("DEFAULT_FROM_EMAIL") or f"eBuilder <noreply@{base_domain}>",
-        email_host=env.get("EMAIL_HOST", ""),
-        email_port=_int(env, "EMAIL_PORT", 25, 1),
-        email_host_user=env.get("EMAIL_HOST_USER", ""),
-        email_host_password=env.get("EMAIL_HOST_PASSWORD", ""),
-        email_use_tls=_bool(env, "EMAIL_USE_TLS", False),
-        database_url=env.get("DATABASE_URL", ""),
-        admin_user=env.get("PROVISIONER_ADMIN_USER") or "admin",
-        admin_password=admin_password,
-        admin_token=env.get("PROVISIONER_ADMIN_TOKEN", ""),
-        plan_price_pence=_int(env, "PLAN_PRICE_PENCE", 1200, 0, 10_000_000),
-        suspend_after_days=_int(env, "SUSPEND_AFTER_DAYS", 7, 0, 365),
-        delete_after_days=_int(env, "DELETE_AFTER_DAYS", 30, 0, 3650),
-        backup_root=Path(env.get("BACKUP_ROOT") or "/srv/ebuilder/backups"),
-        admin_notify_email=env.get("ADMIN_NOTIFY_EMAIL", ""),
-        inventory_path=env.get("PROVISIONER_INVENTORY", ""),
-        max_stores_per_host=_int(env, "MAX_STORES_PER_HOST", 100, 1, 100_000),
-        health_wait_seconds=_int(env, "HEALTH_WAIT_SECONDS", 60, 1, 3600),
-        health_alert_after=_int(env, "HEALTH_ALERT_AFTER", 3, 1, 100),
-        artifact_retention_days=_int(env, "ARTIFACT_RETENTION_DAYS", 30, 1, 3650),
-        health_interval_minutes=_int(env, "HEALTH_INTERVAL_MINUTES", 5, 1, 1440),
-        sync_interval_minutes=_int(env, "SYNC_INTERVAL_MINUTES", 60, 1, 10080),
-        cleanup_at=_time_of_day(env, "CLEANUP_AT", "03:30"),
-        job_max_attempts=_int(env, "JOB_MAX_ATTEMPTS", 5, 1, 100),
-        job_retry_base_seconds=_int(env, "JOB_RETRY_BASE_SECONDS", 5, 0, 3600),
-        installation_id=_installation_id(env),
-        trusted_proxies=_networks(env, "TRUSTED_PROXIES"),
-        check_subdomain_per_minute=_int(env, "CHECK_SUBDOMAIN_PER_MINUTE", 60, 1, 100_000),
-        checkout_per_minute=_int(env, "CHECKOUT_PER_MINUTE", 10, 1, 100_000),
-    )
+    values = {}
+    for setting in SETTINGS:
+        raw = env.get(setting.env, "").strip()
+        if not raw:
+            if setting.default is REQUIRED:
+                raise ConfigError(f"{setting.env} is required but not set")
+            values[setting.field] = setting.default
+        else:
+            values[setting.field] = setting.parse(setting.env, raw)
+    if values["port_range_end"] < values["port_range_start"]:
+        raise ConfigError(f"PORT_RANGE_END ({values['port_range_end']}) must not be below "
+                          f"PORT_RANGE_START ({values['port_range_start']})")
+    values["data_dir"] = values["data_dir"].resolve()
+    values["default_from_email"] = values["default_from_email"] or \
+        f"eBuilder <noreply@{values['base_domain']}>"
+    return Config(**values)

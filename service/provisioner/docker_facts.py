@@ -34,14 +34,30 @@ def _of_store(config: Config, instance: Instance, *args: str) -> str:
 
 
 
+def is_ours(config: Config, instance: Instance, labels: dict) -> bool:
+    """The role's rule: this installation's container for this store (or one made before
+    installation ids, labelled managed with this store's id)."""
+    if labels.get("ebuilder.instance_id") != str(instance.id):
+        return False
+    if "ebuilder.installation" not in labels:
+        return labels.get("ebuilder.managed") == "true"
+    return labels["ebuilder.installation"] == config.installation_id
+
+
 def live_health(config: Config, instance: Instance) -> dict:
     """Container state from Docker plus an HTTP /health/ on the store's own port."""
     try:
-        state = json.loads(_of_store(config, instance, "inspect", "--format",
-                                     "{{json .State}}", instance.container_name))
+        found = json.loads(_of_store(
+            config, instance, "inspect", "--format",
+            '{"state": {{json .State}}, "labels": {{json .Config.Labels}}}',
+            instance.container_name))
+        state, labels = found["state"], found["labels"] or {}
         container = {"exists": True, "running": state.get("Running", False),
                      "status": state.get("Status"), "started_at": state.get("StartedAt"),
-                     "restarts": state.get("RestartCount")}
+                     "restarts": state.get("RestartCount"),
+                     "ours": is_ours(config, instance, labels)}
+        if not container["ours"]:
+            container.update(running=False, status="not ours")
     except DockerUnavailable:
         container = {"exists": False, "running": False, "status": "missing"}
     http = {"ok": False, "status": None}

@@ -130,12 +130,12 @@ def due_for_deletion(now: datetime | None = None) -> list[Instance]:
         and i.delete_after <= moment))
 
 
-def schedule_deletions(now: datetime | None = None) -> list[str]:
+def schedule_deletions(now: datetime | None = None) -> list[int]:
     """Queue archive-then-destroy for every store past its deletion date (needs a db_session)."""
     due = due_for_deletion(now)
     for instance in due:
         jobs.enqueue(JobKind.DESTROY, instance=instance)
-    return [instance.subdomain for instance in due]
+    return [instance.id for instance in due]
 
 
 def acted(instance: Instance, action: str) -> None:

@@ -31,6 +31,8 @@ class Report:
     counts: dict[str, int] = field(default_factory=dict)
     lines: list[str] = field(default_factory=list)
     failed: bool = False
+    # The stores it queued work for (cleanup: the ones due for deletion).
+    queued: list[int] = field(default_factory=list)
 
     def summary(self) -> str:
         counts = ", ".join(f"{v} {k}" for k, v in self.counts.items())
@@ -52,9 +54,10 @@ def run(config: Config, kind: str, progress: Progress = _quiet) -> Report:
     if kind == JobKind.CLEANUP:
         report = Report("cleanup")
         with db_session:
-            names = lifecycle.schedule_deletions()
-        report.counts["due for deletion"] = len(names)
-        report.lines += [f"{name}: archive then destroy queued" for name in names]
+            report.queued = lifecycle.schedule_deletions()
+            report.lines += [f"{Instance[i].subdomain}: archive then destroy queued"
+                             for i in report.queued]
+        report.counts["due for deletion"] = len(report.queued)
         for part in (remove_orphans(config, progress), rotate_artifacts(config)):
             report.counts.update(part.counts)
             report.lines += part.lines
@@ -68,6 +71,27 @@ _RUNNING = StoreState.RUNNING.value
 def _running_stores() -> list[Instance]:
     return list(Instance.select(lambda i: i.live and i.status == _RUNNING
                                 and not i.admin_hold).order_by(Instance.id))
+
+
+def report_destroyed(report: Report) -> int:
+    """After the worker ran a cleanup's destroy jobs: what became of each store; failures."""
+    failed = 0
+    destroy = JobKind.DESTROY.value
+    with db_session:
+        for instance_id in report.queued:
+            instance = Instance[instance_id]
+            if instance.status == StoreState.DESTROYED:
+                report.lines.append(f"{instance.subdomain}: archived to "
+                                    f"{instance.archive_path}, destroyed")
+                continue
+            failed += 1
+            job = instance.jobs.select(lambda j: j.kind == destroy).order_by(
+                lambda j: -j.id).first()
+            report.lines.append(f"{instance.subdomain}: NOT destroyed: "
+                                f"{job.last_error if job else instance.status}")
+    report.counts["destroyed"] = len(report.queued) - failed
+    report.failed = report.failed or failed > 0
+    return failed
 
 
 def health_sweep(config: Config, progress: Progress = _quiet) -> Report:
@@ -177,7 +201,7 @@ def regenerate_vhosts(config: Config, progress: Progress = _quiet) -> Report:
         progress(f"rendering {len(stores)} vhost(s) in one playbook run…")
         result = operations.run(config, Operation.NGINX, stores)
         report.counts["vhosts"] = len(stores)
-        report.counts["changed"] = sum(h.changed for h in result.hosts.values())
+        report.counts["changed"] = sum(1 for h in result.hosts.values() if h.changed)
         if result.status != "successful":
             report.failed = True
             report.lines.append(f"nginx {result.status}: "

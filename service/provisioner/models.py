@@ -260,15 +260,20 @@ def _sqlite_pragmas(database, connection) -> None:
 
 
 def installation_id(config: Config) -> str:
-    """INSTALLATION_ID, or the one this database generated on first use (needs bind)."""
-    if config.installation_id:
-        return config.installation_id
+    """This database's installation id (needs bind): generated, or INSTALLATION_ID, on
+    first use and kept. A different INSTALLATION_ID later is refused: everything this
+    installation made carries the old one, so every store would look foreign."""
     for _ in range(2):
         try:
             with db_session:
                 row = Setting.get(key="installation_id")
                 if row is None:
-                    row = Setting(key="installation_id", value=f"eb-{secrets.token_hex(6)}")
+                    row = Setting(key="installation_id",
+                                  value=config.installation_id or f"eb-{secrets.token_hex(6)}")
+                if config.installation_id and row.value != config.installation_id:
+                    raise ConfigError(
+                        f"INSTALLATION_ID is {config.installation_id!r} but this database "
+                        f"belongs to installation {row.value!r}; unset it or set it back")
                 return row.value
         except TransactionIntegrityError:
             continue  # another process made it at the same moment: read theirs

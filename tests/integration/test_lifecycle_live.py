@@ -86,7 +86,7 @@ def test_cancelled_store_closes_then_is_archived_and_destroyed(service):
         instance = Instance.get(subdomain="leaving-shop")
         assert instance.delete_after > utcnow() + timedelta(days=29)
         instance.delete_after = utcnow() - timedelta(seconds=1)
-        assert lifecycle.schedule_deletions() == ["leaving-shop"]
+        assert lifecycle.schedule_deletions() == [instance.id]
     service.wake()
     wait_for_status("leaving-shop", "destroyed", timeout=180)
     with db_session:

@@ -130,8 +130,8 @@ def test_nginx_rewrites_every_vhost_with_one_test_and_one_reload(service):
         run = select(r for r in AnsibleRun if r.playbook == "nginx.yml").order_by(
             lambda r: -r.id).first()
         stdout = (Path(run.artifact_dir) / "stdout").read_text()
-    assert stdout.count("TASK [Test the whole nginx configuration.]") == 1
-    assert stdout.count("TASK [Reload nginx.]") == 1
+    assert stdout.count("TASK [nginx_site : Test the whole nginx configuration.]") == 1
+    assert stdout.count("TASK [nginx_site : Reload nginx.]") == 1
 
 
 def test_stats_table_and_json(service):

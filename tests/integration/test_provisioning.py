@@ -13,8 +13,7 @@ from pony.orm import db_session, select
 
 from provisioner.ansible import operations
 from provisioner.ansible.operations import Operation
-from provisioner.ansible.runner import run_playbook
-from provisioner.ansible.store_vars import of_instance
+from provisioner.ansible.store_vars import StoreVars, of_instance
 from provisioner.models import AnsibleRun, Instance, Job, StripeEvent
 from provisioner.testing import stripe_events
 from tests.integration.conftest import https_request, inspect, wait_until_live
@@ -117,23 +116,29 @@ def test_second_playbook_run_changes_nothing(service):
     assert inspect("ebuilder_steady-shop")["State"]["StartedAt"] == started_at
 
 
-def test_rejected_vhost_leaves_other_stores_serving(service):
-    for evt in stripe_events.signup(subdomain="good-shop", site_name="Good",
-                                    email="g@example.com"):
-        service.post_event(evt)
-    wait_until_live("good-shop")
-    store = {"name": "bad-shop", "instance_id": "bad-1", "site_name": "Bad",
-             "admin_email": "b@example.com", "port": 19199, "docker_host": "localhost"}
-    result = run_playbook(service.config, "provision.yml", [store],
-                          {"bad-shop": {"admin_password": "first-boot-pw"}},
-                          extra_vars={"nginx_site_client_max_body_size": "not-a-size"})
-    assert not result.hosts["bad-shop"].ok
-    assert "nginx -t rejected the vhost" in result.hosts["bad-shop"].error
-    assert not (service.nginx.sites / "bad-shop.stores.test.conf").exists()
-    assert (service.nginx.sites / "good-shop.stores.test.conf").exists()
+def test_one_bad_vhost_in_a_batch_fails_only_its_store(service):
+    """Each vhost is validated alone before it lands; nginx is tested and reloaded once."""
+    batch = [StoreVars(name=name, instance_id=f"batch-{n}", site_name=name,
+                       admin_email=f"{name}@example.com", port=19190 + n,
+                       docker_host="localhost", upload_limit=limit)
+             for n, (name, limit) in enumerate([("good-a", "100m"), ("bad-b", "not-a-size"),
+                                                ("good-c", None)])]
+    result = operations.run(service.config, Operation.PROVISION, batch,
+                            secrets={s.name: {"admin_password": "first-boot-pw"} for s in batch})
+    assert result.hosts["good-a"].ok and result.hosts["good-c"].ok
+    assert not result.hosts["bad-b"].ok
+    assert "nginx rejected the vhost for bad-b.stores.test" in result.hosts["bad-b"].error
+    assert "client_max_body_size" in result.hosts["bad-b"].error
+    assert not (service.nginx.sites / "bad-b.stores.test.conf").exists()
+    for name in ("good-a", "good-c"):
+        assert https_request(service.nginx, f"{name}.stores.test", "/health/")[0] == 200
     assert service.nginx.running()
-    status, _ = https_request(service.nginx, "good-shop.stores.test", "/health/")
-    assert status == 200
+    # One test of the whole configuration and one reload for the nginx host.
+    with db_session:
+        run = AnsibleRun[result.run_id]
+        tasks = [e.task for e in run.logs if e.task and e.outcome != "skipped"]
+    assert tasks.count("Test the whole nginx configuration.") == 1
+    assert tasks.count("Reload nginx.") == 1
 
 
 def test_webhook_rejects_bad_signature_over_http(service):

@@ -143,3 +143,26 @@ def test_unknown_names_never_reach_a_store(service, server_name, host):
     assert https_request(service.nginx, "known-shop.stores.test", "/health/")[0] == 200
     status, body = _tls_request(service.nginx.https_port, server_name, host)
     assert status == 404 and b"No such store" in body
+
+
+def test_a_data_dir_of_another_installation_is_never_used(service):
+    """Installations that share a Docker host and data root never take each other's data."""
+    signup(service, "shared-shop", "Shared")
+    wait_until_live("shared-shop")
+    with db_session:
+        store = Instance.get(subdomain="shared-shop")
+        store_id, data_dir = store.id, service.config.customer_data_root / str(store.id)
+    owner = data_dir / ".installation"
+    assert owner.read_text().strip() == service.config.installation_id
+    owner.write_text("someone-else\n")
+    status, _ = service.api("POST", f"/api/instances/{store_id}/restart/")
+    assert status == 202
+
+    def attention():
+        with db_session:
+            instance = Instance[store_id]
+            return instance.status == "needs_attention" and instance.status_message
+    message = poll(attention, timeout=120, what="shared-shop needs attention")
+    assert message.startswith(f"conflict: data dir {data_dir} belongs to installation "
+                              "someone-else")
+    assert (data_dir / "db").is_dir() and owner.read_text() == "someone-else\n"

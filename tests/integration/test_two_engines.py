@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from pony.orm import db_session
 
-from provisioner import admin
+from provisioner import admin, docker_facts
 from provisioner.models import Instance
 from provisioner.testing import stripe_events
 from provisioner.worker import Worker
@@ -144,7 +144,7 @@ def test_stores_spread_over_both_engines_and_actions_hit_the_right_one(service,
     assert f"ebuilder_{target}" not in running_on(SOCKET)
     assert running_on("unix:///var/run/docker.sock") == on_a
     with db_session:
-        health = admin.live_health(two_host_config, Instance[target_id])
+        health = docker_facts.live_health(two_host_config, Instance[target_id])
     assert health["container"]["exists"] and not health["container"]["running"]
     with db_session:
         admin.queue_action(target_id, "start")

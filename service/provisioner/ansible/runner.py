@@ -142,20 +142,43 @@ def _write_private(path: Path, text: str) -> None:
         handle.write(text)
 
 
+def _private_run_dir(config: Config, ident: str) -> tuple[Path, int]:
+    """The run's own 0700 dir, locked for as long as the run lives (see sweep_extravars)."""
+    config.ansible_runs_dir.mkdir(parents=True, mode=0o700, exist_ok=True)
+    sweep_extravars(config)
+    private_dir = config.ansible_runs_dir / ident
+    (private_dir / "env").mkdir(parents=True, mode=0o700)
+    private_dir.chmod(0o700)
+    lock = os.open(private_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    return private_dir, lock
+
+
+def _outcomes(stores: list[dict], runner, failures: dict[str, str]) -> dict[str, HostOutcome]:
+    """Each store's result, from the run's stats and the failures seen in its events."""
+    stats = runner.stats or {}
+    hosts: dict[str, HostOutcome] = {}
+    for store in stores:
+        name = store["name"]
+        failed = name in failures or name in (stats.get("failures") or {}) or \
+            name in (stats.get("dark") or {})
+        seen = any(name in (stats.get(key) or {}) for key in ("ok", "failures", "dark", "skipped"))
+        error = failures.get(name)
+        if not seen and not failed:
+            error = (f"ansible did not reach {name} (run {runner.status}, rc {runner.rc}): "
+                     f"{_stdout_tail(runner)}")
+        hosts[name] = HostOutcome(ok=seen and not failed,
+                                  changed=(stats.get("changed") or {}).get(name, 0), error=error)
+    return hosts
+
+
 def run_playbook(config: Config, playbook: str, stores: list[dict], secrets: dict | None = None,
                  on_event: EventSink | None = None, limit: str | None = None,
                  ident: str | None = None, extra_vars: dict | None = None) -> RunResult:
     """Run playbooks/<playbook> for the given stores in one ansible run."""
     ident = ident or new_ident(playbook)
-    config.ansible_runs_dir.mkdir(parents=True, mode=0o700, exist_ok=True)
-    sweep_extravars(config)
-    private_dir = config.ansible_runs_dir / ident
-    env_dir = private_dir / "env"
-    env_dir.mkdir(parents=True, mode=0o700)
-    private_dir.chmod(0o700)
-    lock = os.open(private_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    extravars_file = env_dir / "extravars"
+    private_dir, lock = _private_run_dir(config, ident)
+    extravars_file = private_dir / "env" / "extravars"
     _write_private(extravars_file, extra_vars_yaml(
         {**settings_vars(config), "provisioner_stores": stores,
          "provisioner_secrets": secrets or {}, **(extra_vars or {})}))
@@ -176,13 +199,10 @@ def run_playbook(config: Config, playbook: str, stores: list[dict], secrets: dic
 
     try:
         runner = init_runner(
-            private_data_dir=str(private_dir),
-            ident=ident,
+            private_data_dir=str(private_dir), ident=ident,
             playbook=str(config.playbooks_dir / playbook),
             # The Docker hosts only: the stores of this run come as provisioner_stores.
-            inventory=str(config.inventory_file),
-            limit=limit,
-            forks=config.ansible_forks,
+            inventory=str(config.inventory_file), limit=limit, forks=config.ansible_forks,
             envvars={
                 "ANSIBLE_CONFIG": str(config.project_dir / "ansible.cfg"),
                 "ANSIBLE_ROLES_PATH": str(config.project_dir / "roles"),
@@ -190,26 +210,12 @@ def run_playbook(config: Config, playbook: str, stores: list[dict], secrets: dic
                 # ansible-playbook lives beside the Python running us, venv or not.
                 "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
             },
-            event_handler=event_handler,
-            quiet=True,
-        )
+            event_handler=event_handler, quiet=True)
         runner.config.env = minimal_env(runner.config.env, dict(os.environ))
         runner.run()
     finally:
         extravars_file.unlink(missing_ok=True)
         os.close(lock)
-    stats = runner.stats or {}
-    hosts: dict[str, HostOutcome] = {}
-    for store in stores:
-        name = store["name"]
-        failed = name in failures or name in (stats.get("failures") or {}) or \
-            name in (stats.get("dark") or {})
-        seen = any(name in (stats.get(key) or {}) for key in ("ok", "failures", "dark", "skipped"))
-        error = failures.get(name)
-        if not seen and not failed:
-            error = (f"ansible did not reach {name} (run {runner.status}, rc {runner.rc}): "
-                     f"{_stdout_tail(runner)}")
-        hosts[name] = HostOutcome(ok=seen and not failed,
-                                  changed=(stats.get("changed") or {}).get(name, 0), error=error)
     return RunResult(ident=ident, playbook=playbook, status=runner.status, rc=runner.rc,
-                     artifact_dir=Path(runner.config.artifact_dir), hosts=hosts)
+                     artifact_dir=Path(runner.config.artifact_dir),
+                     hosts=_outcomes(stores, runner, failures))

@@ -34,6 +34,8 @@ class StoreVars:
     page: str | None = None
     # The tar.gz destroy.yml writes.
     archive: str | None = None
+    # Largest upload nginx accepts for this store (nginx size, e.g. "100m").
+    upload_limit: str | None = None
 
     def with_(self, **changes) -> StoreVars:
         return replace(self, **changes)

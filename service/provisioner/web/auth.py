@@ -16,6 +16,7 @@ import ipaddress
 import json
 import threading
 import time
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from functools import wraps
 
@@ -30,20 +31,30 @@ MAX_KEYS = 10_000
 
 
 class SlidingWindow:
-    """Counts events per key; past `limit` in `window` seconds, the key waits."""
+    """Counts events per key; past `limit` in `window` seconds, the key waits.
 
-    def __init__(self, limit: int, window: float):
+    Keys are kept in the order they were last used, so expired ones go from the
+    front in O(1), and at most `max_keys` are kept (the stalest are forgotten):
+    many one-off keys cost neither memory nor time."""
+
+    def __init__(self, limit: int, window: float, max_keys: int = MAX_KEYS):
         self.limit = limit
         self.window = window
-        self._events: dict[str, list[float]] = {}
+        self.max_keys = max_keys
+        self._events: OrderedDict[str, deque[float]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def _recent(self, key: str, now: float) -> list[float]:
-        stamps = [t for t in self._events.get(key, []) if now - t < self.window]
-        if stamps:
-            self._events[key] = stamps
-        else:
-            self._events.pop(key, None)
+    def _expire(self, now: float) -> None:
+        while self._events:
+            key, stamps = next(iter(self._events.items()))
+            if now - stamps[-1] < self.window and len(self._events) <= self.max_keys:
+                return
+            del self._events[key]
+
+    def _recent(self, key: str, now: float) -> deque[float]:
+        stamps = self._events.get(key) or deque(maxlen=self.limit)
+        while stamps and now - stamps[0] >= self.window:
+            stamps.popleft()
         return stamps
 
     def retry_after(self, key: str) -> int:
@@ -53,15 +64,16 @@ class SlidingWindow:
             stamps = self._recent(key, now)
             if len(stamps) < self.limit:
                 return 0
-            return max(1, int(self.window - (now - stamps[-self.limit])) + 1)
+            return max(1, int(self.window - (now - stamps[0])) + 1)
 
     def add(self, key: str) -> None:
         with self._lock:
             now = time.monotonic()
-            if len(self._events) > MAX_KEYS:  # many one-off keys: forget the expired ones
-                for stale in [k for k, v in self._events.items() if now - v[-1] >= self.window]:
-                    del self._events[stale]
-            self._events[key] = [*self._recent(key, now), now][-self.limit:]
+            stamps = self._recent(key, now)
+            stamps.append(now)
+            self._events[key] = stamps
+            self._events.move_to_end(key)
+            self._expire(now)
 
     def clear(self, key: str) -> None:
         with self._lock:
@@ -96,25 +108,45 @@ class Throttle:
         self.per_user.clear(f"{address}|{user}")
 
 
-def _trusted(address: str, proxies: tuple[str, ...]) -> bool:
+def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """An address, IPv4-mapped IPv6 (a dual-stack socket's view of IPv4) as IPv4."""
     try:
-        ip = ipaddress.ip_address(address)
+        ip = ipaddress.ip_address(text.strip())
     except ValueError:
-        return False
-    return any(ip in ipaddress.ip_network(net) for net in proxies)
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def _trusted(ip, proxies: tuple[str, ...]) -> bool:
+    return ip is not None and any(ip in ipaddress.ip_network(net) for net in proxies)
+
+
+def _client_key(ip, fallback: str) -> str:
+    """What limits count per: an IPv4 address, or the /64 an IPv6 address is in (one
+    subscriber usually holds a whole /64, so single addresses are free to them)."""
+    if ip is None:
+        return fallback
+    if ip.version == 6:
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
 
 
 def client_address(config: Config, environ: dict | None = None) -> str:
-    """The peer's address; behind trusted proxies, the nearest untrusted X-Forwarded-For hop."""
+    """The client, as limits count it: the socket's peer or, when the peer is a trusted
+    proxy, the nearest untrusted X-Forwarded-For hop."""
     environ = request.environ if environ is None else environ
-    peer = environ.get("REMOTE_ADDR") or "?"
+    raw_peer = environ.get("REMOTE_ADDR") or "?"
+    peer = _address(raw_peer)
     if not config.trusted_proxies or not _trusted(peer, config.trusted_proxies):
-        return peer
-    hops = [h.strip() for h in environ.get("HTTP_X_FORWARDED_FOR", "").split(",") if h.strip()]
+        return _client_key(peer, raw_peer)
+    hops = [h for h in environ.get("HTTP_X_FORWARDED_FOR", "").split(",") if h.strip()]
     for hop in reversed(hops):
-        if not _trusted(hop, config.trusted_proxies):
-            return hop
-    return hops[0] if hops else peer
+        ip = _address(hop)
+        if not _trusted(ip, config.trusted_proxies):
+            return _client_key(ip, hop.strip()[:64])
+    return _client_key(peer, raw_peer)
 
 
 def _same(a: str, b: str) -> bool:
