@@ -13,17 +13,12 @@ Prints both wall times and their ratio. Needs the stand-in image
 from __future__ import annotations
 
 import argparse
-import subprocess
-import tempfile
 import time
-from pathlib import Path
 
-from provisioner import models
 from provisioner.ansible import operations
 from provisioner.ansible.operations import Operation
 from provisioner.ansible.store_vars import StoreVars
-from provisioner.config import load_config
-from provisioner.testing.stack import LocalNginx
+from provisioner.testing.stack import local_stack
 
 
 def stores(prefix: str, count: int, first_port: int) -> list[StoreVars]:
@@ -36,42 +31,24 @@ def secrets_for(batch: list[StoreVars]) -> dict:
     return {s.name: {"admin_password": "bench-first-boot"} for s in batch}
 
 
-def remove(batch: list[StoreVars]) -> None:
-    names = [f"ebuilder_{s.name}" for s in batch]
-    subprocess.run(["docker", "rm", "-f", *names], capture_output=True)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stores", type=int, default=6)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        nginx = LocalNginx(root / "nginx", base_domain="bench.test").start()
-        try:
-            config = models.open_database(load_config({
-                "STRIPE_WEBHOOK_SECRET": "whsec_bench", "BASE_DOMAIN": "bench.test",
-                "PROVISIONER_DATA_DIR": str(root / "data"),
-                "CUSTOMER_DATA_ROOT": str(root / "customers"),
-                "CONTAINER_NETWORK": "ebuilder_bench", "INSTALLATION_ID": "bench-batching",
-                **nginx.settings()},
-                env_file=root / "none.env"))
-            one_by_one = stores("solo", args.stores, 19500)
-            batched = stores("batch", args.stores, 19600)
-            started = time.perf_counter()
-            for store in one_by_one:
-                result = operations.run(config, Operation.PROVISION, [store],
-                                        secrets=secrets_for([store]))
-                assert result.hosts[store.name].ok, result.hosts
-            separate = time.perf_counter() - started
-            started = time.perf_counter()
-            result = operations.run(config, Operation.PROVISION, batched,
-                                    secrets=secrets_for(batched))
-            assert all(h.ok for h in result.hosts.values()), result.hosts
-            together = time.perf_counter() - started
-        finally:
-            remove(one_by_one + batched)
-            nginx.stop()
+    with local_stack("bench-batching") as config:
+        one_by_one = stores("solo", args.stores, 19500)
+        batched = stores("batch", args.stores, 19600)
+        started = time.perf_counter()
+        for store in one_by_one:
+            result = operations.run(config, Operation.PROVISION, [store],
+                                    secrets=secrets_for([store]))
+            assert result.hosts[store.name].ok, result.hosts
+        separate = time.perf_counter() - started
+        started = time.perf_counter()
+        result = operations.run(config, Operation.PROVISION, batched,
+                                secrets=secrets_for(batched))
+        assert all(h.ok for h in result.hosts.values()), result.hosts
+        together = time.perf_counter() - started
     print(f"{args.stores} stores, one run each: {separate:.1f} s "
           f"({separate / args.stores:.2f} s per store)")
     print(f"{args.stores} stores, one batched run: {together:.1f} s "

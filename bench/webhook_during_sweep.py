@@ -15,25 +15,21 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
-import tempfile
 import threading
 import time
 import urllib.request
-from pathlib import Path
 
 from cheroot import wsgi
 from pony.orm import db_session
 
-from provisioner import jobs, models
+from provisioner import jobs
 from provisioner.ansible import operations
 from provisioner.ansible.operations import Operation
 from provisioner.ansible.store_vars import of_instance
-from provisioner.config import load_config
 from provisioner.models import AnsibleRun, Instance, utcnow
 from provisioner.states import JobKind
 from provisioner.testing import stripe_events
-from provisioner.testing.stack import LocalNginx, free_port, wait_for_port
+from provisioner.testing.stack import free_port, local_stack, wait_for_port
 from provisioner.web import create_app
 from provisioner.worker import Worker
 
@@ -87,49 +83,33 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=20, help="webhooks per second")
     parser.add_argument("--idle-seconds", type=float, default=5)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        nginx = LocalNginx(root / "nginx", base_domain="bench.test").start()
-        try:
-            config = models.open_database(load_config({
-                "STRIPE_WEBHOOK_SECRET": SECRET, "BASE_DOMAIN": "bench.test",
-                "PROVISIONER_DATA_DIR": str(root / "data"),
-                "CUSTOMER_DATA_ROOT": str(root / "customers"),
-                "CONTAINER_NETWORK": "ebuilder_bench", "INSTALLATION_ID": INSTALLATION,
-                **nginx.settings()}, env_file=root / "none.env"))
-            make_stores(config, args.stores)
-            port = free_port()
-            server = wsgi.Server(("127.0.0.1", port), create_app(config), numthreads=8)
-            threading.Thread(target=server.start, daemon=True).start()
-            wait_for_port(port)
-            url = f"http://127.0.0.1:{port}/api/webhook/stripe/"
-            stop, wake = threading.Event(), threading.Event()
-            threading.Thread(target=Worker(config, wake).run_forever, args=(stop,),
-                             daemon=True).start()
-            deadline = time.monotonic() + args.idle_seconds
-            idle = post_while(url, args.rate, lambda: time.monotonic() < deadline)
-            with db_session:
-                jobs.enqueue(JobKind.HEALTH)
-                before = AnsibleRun.select().count()
-            wake.set()
+    with local_stack(INSTALLATION, SECRET) as config:
+        make_stores(config, args.stores)
+        port = free_port()
+        server = wsgi.Server(("127.0.0.1", port), create_app(config), numthreads=8)
+        threading.Thread(target=server.start, daemon=True).start()
+        wait_for_port(port)
+        url = f"http://127.0.0.1:{port}/api/webhook/stripe/"
+        stop, wake = threading.Event(), threading.Event()
+        threading.Thread(target=Worker(config, wake).run_forever, args=(stop,),
+                         daemon=True).start()
+        deadline = time.monotonic() + args.idle_seconds
+        idle = post_while(url, args.rate, lambda: time.monotonic() < deadline)
+        with db_session:
+            jobs.enqueue(JobKind.HEALTH)
+            before = AnsibleRun.select().count()
+        wake.set()
 
-            def sweeping() -> bool:
-                with db_session:
-                    runs = AnsibleRun.select().count()
-                    running = AnsibleRun.select(lambda r: r.status == "running").exists()
-                return runs == before or running
-            started = time.perf_counter()
-            during = post_while(url, args.rate, sweeping)
-            sweep_seconds = time.perf_counter() - started
-            stop.set()
-            server.stop()
-        finally:
-            names = subprocess.run(["docker", "ps", "-aq", "--filter",
-                                    f"label=ebuilder.installation={INSTALLATION}"],
-                                   capture_output=True, text=True).stdout.split()
-            if names:
-                subprocess.run(["docker", "rm", "-f", *names], capture_output=True)
-            nginx.stop()
+        def sweeping() -> bool:
+            with db_session:
+                runs = AnsibleRun.select().count()
+                running = AnsibleRun.select(lambda r: r.status == "running").exists()
+            return runs == before or running
+        started = time.perf_counter()
+        during = post_while(url, args.rate, sweeping)
+        sweep_seconds = time.perf_counter() - started
+        stop.set()
+        server.stop()
     idle_text, idle_p99 = describe(idle)
     during_text, during_p99 = describe(during)
     print(f"webhooks, worker idle:                {idle_text}")

@@ -24,6 +24,7 @@ from provisioner.testing.stack import LocalNginx, free_port, wait_for_port
 
 WEBHOOK_SECRET = "whsec_demo_local_only_0123456789"
 NETWORK = "ebuilder_demo"
+INSTALLATION_ID = "demo-local"
 
 
 def post_event(url: str, evt: dict) -> float:
@@ -47,12 +48,21 @@ def wait_for_store(database: Path, subdomain: str, timeout: float) -> dict:
             row = conn.execute(
                 'SELECT status, status_message, port, welcome_sent_at FROM "Instance" '
                 "WHERE subdomain = ?", (subdomain,)).fetchone()
-        if row and row[0] == "failed":
+        if row and row[0] in ("failed", "needs_attention"):
             raise SystemExit(f"demo: provisioning failed: {row[1]}")
         if row and row[0] == "running" and row[3]:
             return {"port": row[2]}
         time.sleep(0.2)
     raise SystemExit(f"demo: {subdomain} was not live after {timeout:.0f}s")
+
+
+def remove_leftovers() -> None:
+    """The containers an earlier demo made (by its installation label), nothing else."""
+    leftovers = subprocess.run(["docker", "ps", "-aq", "--filter",
+                                f"label=ebuilder.installation={INSTALLATION_ID}"],
+                               capture_output=True, text=True).stdout.split()
+    if leftovers:
+        subprocess.run(["docker", "rm", "-f", *leftovers], capture_output=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,10 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     root = PROJECT_DIR / ".demo"
-    leftovers = subprocess.run(["docker", "ps", "-aq", "--filter", f"network={NETWORK}"],
-                               capture_output=True, text=True).stdout.split()
-    if leftovers:
-        subprocess.run(["docker", "rm", "-f", *leftovers], capture_output=True)
+    remove_leftovers()
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir()
     base_domain = "stores.localhost"
@@ -79,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         "PROVISIONER_DATA_DIR": str(root / "data"),
         "CUSTOMER_DATA_ROOT": str(root / "customers"),
         "CONTAINER_NETWORK": NETWORK,
+        "INSTALLATION_ID": INSTALLATION_ID,
         "PROVISIONER_PUBLIC_URL": f"http://127.0.0.1:{port}",
         "PROVISIONER_ENV_FILE": str(root / "none.env"),
     }

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -108,3 +110,30 @@ class LocalNginx:
             "WILDCARD_SSL_CERT": str(self.cert),
             "WILDCARD_SSL_KEY": str(self.key),
         }
+
+
+@contextlib.contextmanager
+def local_stack(installation_id: str, webhook_secret: str = "whsec_bench"):
+    """A throwaway provisioner on this machine (bench/ and the like): its own data dir,
+    nginx on loopback ports and Docker network; yields the bound Config. On exit, removes
+    the containers labelled with `installation_id` and stops nginx."""
+    from provisioner import models
+    from provisioner.config import load_config
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        nginx = LocalNginx(root / "nginx", base_domain="bench.test").start()
+        try:
+            yield models.open_database(load_config({
+                "STRIPE_WEBHOOK_SECRET": webhook_secret, "BASE_DOMAIN": "bench.test",
+                "PROVISIONER_DATA_DIR": str(root / "data"),
+                "CUSTOMER_DATA_ROOT": str(root / "customers"),
+                "CONTAINER_NETWORK": "ebuilder_bench", "INSTALLATION_ID": installation_id,
+                **nginx.settings()}, env_file=root / "none.env"))
+        finally:
+            names = subprocess.run(["docker", "ps", "-aq", "--filter",
+                                    f"label=ebuilder.installation={installation_id}"],
+                                   capture_output=True, text=True).stdout.split()
+            if names:
+                subprocess.run(["docker", "rm", "-f", *names], capture_output=True)
+            nginx.stop()
