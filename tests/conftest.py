@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import secrets
@@ -81,6 +82,31 @@ def recorded_runs(request):
         yield operations.BACKEND
     finally:
         operations.BACKEND = real
+
+
+LOCAL_HOSTS = """\
+docker_hosts:
+  hosts:
+    localhost:
+      ansible_connection: local
+      ansible_python_interpreter: "{{ ansible_playbook_python }}"
+"""
+
+
+@pytest.fixture
+def ansible_project(tmp_path, config):
+    """A config whose project dir has the real playbooks and roles, an inventory of
+    localhost only, and its own data dir: for real ansible-playbook runs in unit tests."""
+    project = Path(__file__).resolve().parents[1]
+    root = tmp_path / "project"
+    (root / "playbooks").mkdir(parents=True)
+    for item in (project / "playbooks").iterdir():
+        (root / "playbooks" / item.name).symlink_to(item)
+    (root / "inventory").mkdir()
+    (root / "inventory" / "hosts.yml").write_text(LOCAL_HOSTS)
+    (root / "ansible.cfg").symlink_to(project / "ansible.cfg")
+    (root / "roles").symlink_to(project / "roles")
+    return dataclasses.replace(config, project_dir=root, data_dir=tmp_path / "data")
 
 
 def apply_events(config, evts: list[dict]) -> None:

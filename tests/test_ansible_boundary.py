@@ -4,7 +4,6 @@ customer text stays data, and no secret outlives the run or reaches its artifact
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import fcntl
 import json
 import os
@@ -50,29 +49,12 @@ ECHO_PLAYBOOK = """\
       ansible.builtin.command: sleep {{ echo_sleep | default(0) }}
       changed_when: false
 """
-HOSTS = """\
-docker_hosts:
-  hosts:
-    localhost:
-      ansible_connection: local
-      ansible_python_interpreter: "{{ ansible_playbook_python }}"
-"""
-
-
 @pytest.fixture
-def project(tmp_path, config):
-    """A project dir with the real playbooks beside an echo playbook."""
-    root = tmp_path / "project"
-    (root / "playbooks").mkdir(parents=True)
-    for item in (PROJECT / "playbooks").iterdir():
-        (root / "playbooks" / item.name).symlink_to(item)
-    (root / "playbooks" / "echo.yml").write_text(ECHO_PLAYBOOK)
-    (root / "inventory").mkdir()
-    (root / "inventory" / "hosts.yml").write_text(HOSTS)
-    (root / "ansible.cfg").symlink_to(PROJECT / "ansible.cfg")
-    (root / "roles").symlink_to(PROJECT / "roles")
+def project(ansible_project, tmp_path):
+    """The real playbooks and roles beside an echo playbook."""
+    (ansible_project.playbooks_dir / "echo.yml").write_text(ECHO_PLAYBOOK)
     (tmp_path / "echo").mkdir()
-    return dataclasses.replace(config, project_dir=root, data_dir=tmp_path / "data")
+    return ansible_project
 
 
 def _stores(names: list[str]) -> list[dict]:

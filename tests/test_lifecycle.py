@@ -282,3 +282,19 @@ def test_grace_length_is_configurable(config):
     worker.run_once()
     with db_session:
         assert Instance.get(subdomain="janes-shop").status == "suspended"
+
+
+def test_a_checkout_that_never_paid_closes_without_telling_anyone(config):
+    """incomplete -> incomplete_expired: nothing was built, so nothing runs and no email."""
+    evts = lifecycle_events(with_cancel=False)
+    expired = dict(evts[1]["data"]["object"], status="incomplete_expired")
+    ended = stripe_events.event("customer.subscription.deleted", expired)
+    ended["created"] = evts[1]["created"] + 60
+    runner = deliver(config, [evts[0], evts[1], ended])
+    with db_session:
+        instance = Instance.get(subdomain="janes-shop")
+        assert (instance.status, instance.desired_state) == ("cancelled", "cancelled")
+        assert instance.provisioned_at is None and instance.stopped_since is None
+        assert Notification.select().count() == 0
+        assert not select(j for j in Job if j.kind == "notify").exists()
+    assert runner.runs == []

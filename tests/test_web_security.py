@@ -184,3 +184,17 @@ def test_the_throttle_forgets_the_stalest_keys_beyond_its_cap():
     for _ in range(5):
         window.add("203.0.113.1")
     assert window.retry_after("203.0.113.1") > 0
+
+
+def test_a_key_whose_failures_expired_does_not_break_later_logins(monkeypatch):
+    """A key emptied by expiry used to stay behind and crash the next count (500)."""
+    from provisioner.web import auth
+
+    clock = [1000.0]
+    monkeypatch.setattr(auth.time, "monotonic", lambda: clock[0])
+    window = auth.SlidingWindow(limit=5, window=300)
+    window.add("198.51.100.1")
+    clock[0] += 301
+    assert window.retry_after("198.51.100.1") == 0
+    window.add("198.51.100.2")  # expires the stale front key without an IndexError
+    assert list(window._events) == ["198.51.100.2"]

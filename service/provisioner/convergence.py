@@ -18,7 +18,7 @@ from provisioner.ansible.operations import Operation
 from provisioner.ansible.store_vars import StoreVars, of_instance
 from provisioner.config import Config
 from provisioner.models import Instance, Job, utcnow
-from provisioner.states import CONVERGED, STOPPED_BY_BILLING, StoreState
+from provisioner.states import CONVERGED, STOPPED_BY_BILLING, StoreState, transition
 
 # Admin action -> (operation, store vars it needs).
 ADMIN_ACTIONS: dict[str, tuple[Operation, dict]] = {
@@ -65,7 +65,7 @@ def plan_converge(job_ids: list[int]) -> list[Batch]:
             if _needs_no_run(instance):
                 jobs.complete(job)
             elif desired in STOPPED_BY_BILLING and instance.provisioned_at is None:
-                lifecycle.converged(instance, desired)  # never built: nothing to stop
+                transition(instance, desired)  # never built: nothing to stop, nobody to tell
                 jobs.complete(job)
             else:
                 if desired not in batches:

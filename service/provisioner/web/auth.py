@@ -47,7 +47,7 @@ class SlidingWindow:
     def _expire(self, now: float) -> None:
         while self._events:
             key, stamps = next(iter(self._events.items()))
-            if now - stamps[-1] < self.window and len(self._events) <= self.max_keys:
+            if stamps and now - stamps[-1] < self.window and len(self._events) <= self.max_keys:
                 return
             del self._events[key]
 
@@ -55,6 +55,8 @@ class SlidingWindow:
         stamps = self._events.get(key) or deque(maxlen=self.limit)
         while stamps and now - stamps[0] >= self.window:
             stamps.popleft()
+        if not stamps:
+            self._events.pop(key, None)  # nothing recent: the key is forgotten
         return stamps
 
     def retry_after(self, key: str) -> int:
