@@ -105,3 +105,20 @@ def test_readme_and_architecture_list_every_module():
         text = doc.read_text()
         missing = sorted(m for m in modules if f"`{m}`" not in text)
         assert not missing, f"{doc.name} does not list {missing}"
+
+
+def test_settings_command_prints_the_table_and_checks(tmp_path):
+    from provisioner.settings import settings_table
+
+    env = {"PATH": "/usr/bin:/bin", "PROVISIONER_ENV_FILE": str(tmp_path / ".env")}
+    printed = subprocess.run([sys.executable, "-m", "provisioner.cli", "settings"],
+                             capture_output=True, text=True, env=env, timeout=60)
+    assert printed.returncode == 0 and printed.stdout == settings_table()
+    (tmp_path / ".env").write_text("STRIPE_WEBHOOK_SECRET=whsec_x\nBASE_DOMAIN=x.test\n"
+                                   "TRUSTED_PROXIES=not-an-address\n")
+    checked = subprocess.run([sys.executable, "-m", "provisioner.cli", "settings", "--check"],
+                             capture_output=True, text=True, env=env, timeout=60)
+    assert checked.returncode == 2
+    assert checked.stderr.strip().splitlines() == [
+        "provisioner: configuration error: TRUSTED_PROXIES: 'not-an-address' is not an IP "
+        "address or network"]

@@ -67,7 +67,7 @@ def remove_leftovers() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--subdomain", default="janes-shop")
+    parser.add_argument("--subdomain", default="demo-shop")
     parser.add_argument("--email", default="jane@example.com")
     parser.add_argument("--exit", action="store_true", help="stop everything once the store is up")
     args = parser.parse_args(argv)
@@ -125,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         service.wait(timeout=30)
         nginx.stop()
         log.close()
+        # Its files stay in .demo/ to look at; a running store with no nginx is no use.
+        remove_leftovers()
     return 0
 
 
