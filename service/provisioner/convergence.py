@@ -15,7 +15,7 @@ from pony.orm import db_session
 
 from provisioner import jobs, lifecycle
 from provisioner.ansible.operations import Operation
-from provisioner.ansible.store_vars import StoreVars, of_instance
+from provisioner.ansible.store_vars import VHOST_OF_STATE, StoreVars, of_instance
 from provisioner.config import Config
 from provisioner.models import Instance, Job, utcnow
 from provisioner.states import CONVERGED, STOPPED_BY_BILLING, StoreState, transition
@@ -73,9 +73,8 @@ def plan_converge(job_ids: list[int]) -> list[Batch]:
                         Operation.PROVISION if desired == StoreState.RUNNING
                         else Operation.SUSPEND,
                         on_success=lambda i, d=desired: lifecycle.converged(i, d))
-                page = {StoreState.SUSPENDED: "suspended",
-                        StoreState.CANCELLED: "closed"}.get(desired)
-                batches[desired].add(job, of_instance(instance).with_(page=page))
+                batches[desired].add(job, of_instance(instance).with_(
+                    page=VHOST_OF_STATE.get(desired)))
     return list(batches.values())
 
 

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, replace
 
 from provisioner.config import Config
 from provisioner.models import Instance
-from provisioner.states import StoreState
+from provisioner.states import CONVERGED, StoreState
 
 VHOST_OF_STATE = {StoreState.SUSPENDED: "suspended", StoreState.CANCELLED: "closed"}
 
@@ -53,8 +53,7 @@ def of_instance(instance: Instance) -> StoreVars:
 def with_target(config: Config, instance: Instance) -> StoreVars:
     """The store plus the state it should be in: for sync, nginx and the DB inventory."""
     desired = instance.desired_state
-    state = desired if desired in (StoreState.RUNNING, StoreState.SUSPENDED,
-                                   StoreState.CANCELLED) else instance.status
+    state = desired if desired in CONVERGED else instance.status
     if instance.admin_hold and state == StoreState.RUNNING:
         state = StoreState.STOPPED
     return of_instance(instance).with_(

@@ -8,6 +8,7 @@ from bottle import redirect, request
 from pony.orm import db_session
 
 from provisioner import admin, docker_facts
+from provisioner.states import JobState
 from provisioner.web.admin_api import STATUSES
 from provisioner.web.common import Route, Web, or_404, render
 
@@ -32,7 +33,7 @@ def instances(web: Web):
 def instance(web: Web, instance_id: int):
     with db_session:
         detail = or_404(admin.instance_detail, web.config, instance_id, page=True)
-        busy = any(j["state"] in ("queued", "running") for j in detail["jobs"])
+        busy = any(j["state"] in (JobState.QUEUED, JobState.RUNNING) for j in detail["jobs"])
         health = docker_facts.live_health(web.config, admin.get_instance(instance_id)) \
             if detail["live"] and detail["provisioned_at"] else None
     return render("admin/instance.html", i=detail, health=health, csrf=web.csrf_token(),

@@ -13,6 +13,7 @@ from urllib.parse import urlparse
 
 from bottle import HTTPResponse, request, response
 from jinja2 import Environment, PackageLoader, select_autoescape
+from pony.orm import db_session
 
 from provisioner import admin, metrics
 from provisioner.config import Config
@@ -127,8 +128,6 @@ class Web:
 
     def queue_action(self, instance_id: int, action: str, *, page: bool = False) -> int:
         """Queue an admin action; its job id (404 if unknown; admin.Conflict if refused)."""
-        from pony.orm import db_session
-
         with db_session:
             job_id = or_404(admin.queue_action, instance_id, action, page=page).id
         self.notify_worker()
