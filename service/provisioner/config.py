@@ -88,6 +88,12 @@ class Config:
     artifact_retention_days: int
     job_max_attempts: int
     job_retry_base_seconds: int
+    run_timeout_seconds: int
+    stop_grace_seconds: int
+    welcome_alert_after_minutes: int
+    smtp_timeout_seconds: int
+    server_threads: int
+    db_busy_timeout_seconds: int
     # Labels every container, network and vhost we make; when unset, the one
     # generated into the database (models.open_database) fills it.
     installation_id: str

@@ -14,7 +14,7 @@ import secrets
 from collections.abc import Callable
 from datetime import datetime
 
-from provisioner import docker_hosts, lifecycle, stripe_sync, subdomains
+from provisioner import docker_hosts, jobs, lifecycle, stripe_sync, subdomains
 from provisioner.billing import (
     apply_subscription,
     customer_for,
@@ -32,6 +32,7 @@ from provisioner.models import (
     Subscription,
     utcnow,
 )
+from provisioner.states import JobKind
 from provisioner.stripe_shapes import invoice_subscription_id, object_id, timestamp
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,15 @@ def apply(config: Config, event: StripeEvent) -> None:
     event.processed_at = utcnow()
     event.failed_at = None
     event.error = None
+
+
+def replay(event: StripeEvent, by: str) -> None:
+    """Apply a recorded event again (needs a db_session): handlers only record facts and
+    reconcile, so a replay is safe; older snapshots never overwrite newer ones."""
+    LogEntry(message=f"event {event.stripe_id} ({event.type}) replayed by {by}")
+    event.processed_at = None
+    event.failed_at = None
+    jobs.enqueue(JobKind.EVENT, event=event)
 
 
 def refresh_unknown_customer(config: Config, stripe_customer_id: str | None) -> None:

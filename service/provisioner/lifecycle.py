@@ -158,6 +158,36 @@ def destroyed(instance: Instance, archive: str | None) -> None:
     LogEntry(instance=instance, message=f"destroyed; data archived to {archive}")
 
 
+class RetryRefused(Exception):
+    """The store cannot be retried as it stands; the message says why."""
+
+
+RETRYABLE = frozenset({StoreState.FAILED, StoreState.OUT_OF_STEP, ATTENTION,
+                       StoreState.PROVISIONING})
+
+
+def retry(instance: Instance, config: Config, by: str) -> None:
+    """Try again what failed (needs a db_session): a fresh converge towards what billing
+    says, re-applying everything a crash may have left half-done. A store parked for an
+    admin takes its name and port back first, if nobody else took them meanwhile."""
+    if instance.status not in RETRYABLE:
+        raise RetryRefused(f"store {instance.subdomain} is {instance.status}; only failed, "
+                           f"out-of-step or needs-attention stores are retried")
+    if instance.status == ATTENTION:
+        taken = Instance.select(lambda i: i.live and i.id != instance.id and (
+            i.subdomain == instance.subdomain or (
+                i.docker_host == instance.docker_host and i.port == instance.port))).first()
+        if taken is not None:
+            raise RetryRefused(f"store {taken.subdomain} now holds this store's name or port")
+        instance.live = True
+    transition(instance, StoreState.FAILED, f"retry requested by {by}")
+    instance.desired_state = desired_state(instance, config)
+    for waiting in instance.jobs.select(lambda j: j.state == "queued" and j.kind == "converge"):
+        waiting.next_run_at = utcnow()
+    LogEntry(instance=instance, message=f"retry requested by {by}")
+    reconcile(instance, config)
+
+
 def failed(instance: Instance, error: str, retrying: bool) -> None:
     """A job for this store failed: visible on it, as failed once retries are over."""
     if retrying:

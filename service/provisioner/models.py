@@ -128,15 +128,47 @@ class StripeEvent(db.Entity):
     processed_at = Optional(datetime)
     failed_at = Optional(datetime)
     error = Optional(LongStr, nullable=True)
+    # Deliveries after the first (Stripe retries, replays by hand are jobs).
+    duplicates = Required(int, default=0)
     jobs = Set("Job")
+
+
+class WebhookDelivery(db.Entity):
+    """One POST to the webhook: accepted, duplicate or rejected with the reason.
+
+    The operators' view of what Stripe (or anyone) sent; rotated like the logs.
+    """
+
+    id = PrimaryKey(int, auto=True)
+    at = Required(datetime, default=utcnow, index=True)
+    outcome = Required(str)  # accepted | duplicate | rejected | busy
+    stripe_id = Optional(str, nullable=True, index=True)
+    type = Optional(str, nullable=True)
+    reason = Optional(str, nullable=True)
+    address = Optional(str, nullable=True)
+
+
+class AuditEntry(db.Entity):
+    """Who did what from the admin API, pages or CLI."""
+
+    id = PrimaryKey(int, auto=True)
+    at = Required(datetime, default=utcnow, index=True)
+    actor = Required(str)  # admin user, "token", or "cli:<unix user>"
+    action = Required(str)
+    target = Optional(str, nullable=True)
+    detail = Optional(str, nullable=True)
+    address = Optional(str, nullable=True)
 
 
 class AnsibleRun(db.Entity):
     id = PrimaryKey(int, auto=True)
     ident = Required(str, unique=True)
     playbook = Required(str)
+    # running | successful | failed | error | canceled | timeout | abandoned
     status = Required(str, default="running")
     rc = Optional(int)
+    # ansible-playbook's process, so a later worker can end one its dead predecessor left.
+    pid = Optional(int)
     artifact_dir = Required(str)
     started_at = Required(datetime, default=utcnow)
     finished_at = Optional(datetime)
@@ -184,6 +216,9 @@ class Notification(db.Entity):
     notice = Required(str)
     key = Required(str, default="-")
     recipient = Required(str)
+    # "sending" is written and committed before the SMTP exchange, "sent" after it:
+    # a send whose "sent" could not be written at once is never sent again.
+    status = Required(str, default="sent")
     sent_at = Required(datetime, default=utcnow)
     composite_key(instance, notice, key)
 
@@ -223,9 +258,12 @@ def bind(config: Config) -> Database:
     url = config.database_url
     private_dir(config.data_dir)
     if not url or url.startswith("sqlite"):
-        path = urlparse(url).path if url else str(config.database_path)
-        _private_file(Path(path))
-        db.bind(provider="sqlite", filename=path, create_db=True)
+        path = Path(urlparse(url).path if url else str(config.database_path))
+        _refuse_a_lost_database(config, path)
+        _private_file(path)
+        db.bind(provider="sqlite", filename=str(path), create_db=True,
+                timeout=config.db_busy_timeout_seconds)
+        _bound_file.update(path=path, inode=path.stat().st_ino)
     elif url.startswith(("postgres://", "postgresql://")):
         parsed = urlparse(url)
         db.bind(provider="postgres", user=parsed.username, password=parsed.password,
@@ -237,6 +275,48 @@ def bind(config: Config) -> Database:
         for statement in LIVE_UNIQUE_INDEXES:
             db.execute(statement)
     return db
+
+
+# The SQLite file this process opened, to notice it being deleted or replaced.
+_bound_file: dict = {}
+
+
+def _marker(config: Config) -> Path:
+    return config.data_dir / ".database-created"
+
+
+def _refuse_a_lost_database(config: Config, path: Path) -> None:
+    """A data dir that had a database and lost it must not start an empty one: every
+    running store would be orphaned. The marker is written the first time."""
+    marker = _marker(config)
+    if path.exists():
+        if not marker.exists():
+            marker.write_text(f"{path}\n")
+        return
+    if marker.exists():
+        raise ConfigError(
+            f"the database {path} is missing, but this data dir had one "
+            f"({marker} was written with it); restore it from a backup, or delete "
+            f"{marker} to start an empty database on purpose")
+    private_dir(config.data_dir)
+    marker.write_text(f"{path}\n")
+
+
+def database_problem() -> str | None:
+    """Why the database cannot be used now, or None (for /api/health/)."""
+    path = _bound_file.get("path")
+    if path is not None:
+        try:
+            if path.stat().st_ino != _bound_file["inode"]:
+                return f"database file {path} was replaced"
+        except FileNotFoundError:
+            return f"database file {path} is missing"
+    try:
+        with db_session:
+            db.select("SELECT 1")
+    except Exception as exc:  # any failure to read means unhealthy
+        return f"database unreadable: {type(exc).__name__}"
+    return None
 
 
 def private_dir(path: Path) -> Path:
@@ -255,8 +335,11 @@ def _private_file(path: Path) -> None:
 
 @db.on_connect(provider="sqlite")
 def _sqlite_pragmas(database, connection) -> None:
+    cursor = connection.cursor()
     # Deleted rows (an emailed password) are overwritten, not left in free pages.
-    connection.cursor().execute("PRAGMA secure_delete = ON")
+    cursor.execute("PRAGMA secure_delete = ON")
+    # Readers never block the writer (a page or a report never holds up a webhook).
+    cursor.execute("PRAGMA journal_mode = WAL")
 
 
 def installation_id(config: Config) -> str:
@@ -290,5 +373,6 @@ def reset() -> None:
     """Empty every table (tests share one mapped database per process)."""
     with db_session:
         for entity in (LogEntry, HealthCheck, Notification, SubdomainHold, Job, AnsibleRun,
-                       StripeEvent, Instance, Subscription, Customer):
+                       StripeEvent, WebhookDelivery, AuditEntry, Instance, Subscription,
+                       Customer):
             entity.select().delete(bulk=True)

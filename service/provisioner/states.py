@@ -60,7 +60,7 @@ CONVERGED = frozenset({S.RUNNING, S.SUSPENDED, S.CANCELLED})
 STOPPED_BY_BILLING = frozenset({S.SUSPENDED, S.CANCELLED})
 # A live store can always fail, turn out to need an admin (a foreign container
 # holds its name) or be destroyed (the worker only destroys what billing ended);
-# nothing leaves destroyed or needs_attention.
+# nothing leaves destroyed; needs_attention is left only by an admin's retry.
 _ALWAYS = frozenset({S.FAILED, S.NEEDS_ATTENTION, S.DESTROYED})
 TRANSITIONS: dict[StoreState, frozenset[StoreState]] = {
     S.PENDING: frozenset({S.RUNNING, S.SUSPENDED, S.CANCELLED}),
@@ -78,7 +78,8 @@ TRANSITIONS: dict[StoreState, frozenset[StoreState]] = {
                               S.CANCELLED}),
     S.FAILED: frozenset({S.PROVISIONING, S.RUNNING, S.STOPPED, S.SUSPENDED, S.CANCELLED,
                          S.OUT_OF_STEP}),
-    S.NEEDS_ATTENTION: frozenset(),
+    # An admin's retry, once the conflict is resolved (lifecycle.retry).
+    S.NEEDS_ATTENTION: frozenset({S.FAILED}),
     S.DESTROYED: frozenset(),
 }
 for _state in S:

@@ -8,7 +8,7 @@ import time
 from bottle import request
 from pony.orm import db_session
 
-from provisioner import admin, intake, subdomains
+from provisioner import admin, intake, models, subdomains
 from provisioner.checkout import (
     CheckoutUnavailable,
     create_checkout_session,
@@ -76,6 +76,9 @@ def create_checkout(web: Web):
 
 
 def service_health(web: Web):
+    problem = models.database_problem()
+    if problem is not None:
+        return json_response(503, {"status": "failing", "error": problem})
     return json_response(200, {"status": "ok"})
 
 
