@@ -31,10 +31,9 @@ def _stop_on_signals(stop: threading.Event) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Web service, worker and scheduler in one process."""
-    from cheroot import wsgi
-
     from provisioner import scheduler
     from provisioner.web import create_app
+    from provisioner.web.server import make_server
     from provisioner.worker import serve_worker
 
     config = _configure()
@@ -42,7 +41,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not args.no_worker:
         serve_worker(config, stop, wake)
     scheduler.run(config, stop, wake)
-    server = wsgi.Server((args.host, args.port), create_app(config, wake=wake), numthreads=8)
+    server = make_server(config, create_app(config, wake=wake), args.host, args.port)
     _stop_on_signals(stop)
     threading.Thread(target=lambda: (stop.wait(), server.stop()), daemon=True).start()
     logging.getLogger("provisioner").info("serving on http://%s:%s", args.host, args.port)

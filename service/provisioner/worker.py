@@ -41,13 +41,25 @@ def recover_abandoned() -> int:
 
 
 class Worker:
-    def __init__(self, config: Config, wake: threading.Event | None = None):
+    def __init__(self, config: Config, wake: threading.Event | None = None,
+                 stop: threading.Event | None = None):
         self.config = config
         self.wake = wake or threading.Event()
+        self.stop = stop or threading.Event()
+        self._stop_seen: float | None = None
+
+    def _cancelled(self) -> bool:
+        """True once the worker was asked to stop and the grace for the run is over."""
+        if not self.stop.is_set():
+            return False
+        if self._stop_seen is None:
+            self._stop_seen = time.monotonic()
+        return time.monotonic() - self._stop_seen >= self.config.stop_grace_seconds
 
     # -- loop ----------------------------------------------------------------
 
     def run_forever(self, stop: threading.Event, paused: threading.Event | None = None) -> None:
+        self.stop = stop
         recover_abandoned()
         while not stop.is_set():
             if paused is not None and paused.is_set():
@@ -159,7 +171,8 @@ class Worker:
             redact_values = self._secrets_of(Job[j].instance for j in batch.jobs)
         try:
             result = operations.run(self.config, batch.operation, batch.jobs.values(),
-                                    secrets=batch.secrets, jobs=job_of, redact=redact_values)
+                                    secrets=batch.secrets, jobs=job_of, redact=redact_values,
+                                    cancel=self._cancelled)
         except Exception as exc:  # ansible-runner itself failed: every job retries
             for job_id in batch.jobs:
                 self._fail(job_id, f"ansible-runner: {type(exc).__name__}: {exc}")

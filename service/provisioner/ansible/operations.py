@@ -7,7 +7,7 @@ store's outcome. Tests swap `BACKEND` for a recorder that runs nothing.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from enum import StrEnum
 
 from provisioner.ansible import recording
@@ -34,11 +34,13 @@ BACKEND = run_playbook
 
 def run(config: Config, operation: Operation, stores: Iterable[StoreVars], *,
         secrets: dict | None = None, jobs: dict[str, int] | None = None,
-        redact: Iterable[str] = ()) -> RunResult:
+        redact: Iterable[str] = (), cancel: Callable[[], bool] | None = None) -> RunResult:
     """Run one operation over `stores` in one ansible run, recorded.
 
     `secrets` maps a store name to its first-boot password; `jobs` maps a store
-    name to the job the run is for (linked to the run and its log)."""
+    name to the job the run is for (linked to the run and its log); `cancel`
+    answers True when the run must end now (the worker is stopping)."""
     return recording.recorded_run(config, PLAYBOOKS[Operation(operation)],
                                   [store.as_dict() for store in stores], secrets,
-                                  runner=BACKEND, jobs=jobs or {}, redact_values=list(redact))
+                                  runner=BACKEND, jobs=jobs or {}, redact_values=list(redact),
+                                  cancel=cancel)

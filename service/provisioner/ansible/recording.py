@@ -31,7 +31,8 @@ def _instance_id(store: dict) -> int | None:
 
 
 def recorded_run(config: Config, playbook: str, stores: list[dict], secrets: dict | None,
-                 *, runner, jobs: dict[str, int], redact_values: list[str]) -> RunResult:
+                 *, runner, jobs: dict[str, int], redact_values: list[str],
+                 cancel=None) -> RunResult:
     """Run a playbook for `stores`: the AnsibleRun row, live task events, the outcome.
 
     Each database write is its own short transaction: none spans the run."""
@@ -54,7 +55,8 @@ def recorded_run(config: Config, playbook: str, stores: list[dict], secrets: dic
               *(s.get("admin_password", "") for s in (secrets or {}).values())]
     sink = _EventSink(run_id, hosts, values)
     try:
-        result = runner(config, playbook, stores, secrets, on_event=sink, ident=ident)
+        result = runner(config, playbook, stores, secrets, on_event=sink, ident=ident,
+                        **({"cancel": cancel} if cancel is not None else {}))
     except Exception:
         with db_session:
             AnsibleRun[run_id].status = "error"

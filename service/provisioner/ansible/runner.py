@@ -174,7 +174,8 @@ def _outcomes(stores: list[dict], runner, failures: dict[str, str]) -> dict[str,
 
 def run_playbook(config: Config, playbook: str, stores: list[dict], secrets: dict | None = None,
                  on_event: EventSink | None = None, limit: str | None = None,
-                 ident: str | None = None, extra_vars: dict | None = None) -> RunResult:
+                 ident: str | None = None, extra_vars: dict | None = None,
+                 cancel: Callable[[], bool] | None = None) -> RunResult:
     """Run playbooks/<playbook> for the given stores in one ansible run."""
     ident = ident or new_ident(playbook)
     private_dir, lock = _private_run_dir(config, ident)
