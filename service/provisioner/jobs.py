@@ -7,6 +7,7 @@ with the error kept, after `max_attempts`.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import timedelta
 
 from pony.orm import select
@@ -38,25 +39,27 @@ def enqueue(kind: str, *, instance: Instance | None = None, event: StripeEvent |
     return Job(kind=str(kind), instance=instance, event=event, detail=detail, next_run_at=run_at)
 
 
-def claim_due(limit: int = 100) -> list[int]:
-    """Take due jobs, at most one per instance, marking them running (needs a db_session)."""
+def claim_due(limit: int = 100, kinds: Iterable[str] | None = None) -> list[int]:
+    """Take due jobs of `kinds` (all when None), at most one per instance among those
+    kinds, marking them running (needs a db_session). Lanes of different kinds do not
+    hold each other up: an email never waits for a playbook."""
     now = utcnow()
-    busy = set(select(
-        j.instance.id for j in Job
-        if j.state == RUNNING and j.locked_until > now and j.instance is not None
-    ))
+    wanted = sorted(str(k) for k in kinds) if kinds is not None else None
+    running = select(j for j in Job if j.state == RUNNING and j.locked_until > now)
+    if wanted is not None:
+        running = running.filter(lambda j: j.kind in wanted)
+    busy = set(select(j.instance.id for j in running if j.instance is not None))
     # Jobs without a store (maintenance) run one of a kind at a time.
-    busy_kinds = set(select(
-        j.kind for j in Job
-        if j.state == RUNNING and j.locked_until > now and j.instance is None
-    ))
+    busy_kinds = set(select(j.kind for j in running if j.instance is None))
     due = select(
         j for j in Job
         if (j.state == QUEUED and j.next_run_at <= now)
         or (j.state == RUNNING and j.locked_until <= now)
-    ).order_by(Job.id)
+    )
+    if wanted is not None:
+        due = due.filter(lambda j: j.kind in wanted)
     claimed: list[int] = []
-    for job in due:
+    for job in due.order_by(Job.id):
         if job.instance is not None:
             if job.instance.id in busy:
                 continue
@@ -81,20 +84,33 @@ def complete(job: Job) -> None:
     job.last_error = None
 
 
-def fail(job: Job, error: str, *, max_attempts: int, base_seconds: int) -> bool:
-    """Record a failure; True if the job will be retried, False if it gave up."""
+def fail(job: Job, error: str, *, max_attempts: int | None, base_seconds: int,
+         cap: timedelta = BACKOFF_CAP, floor: timedelta = timedelta(0)) -> bool:
+    """Record a failure; True if the job will be retried, False if it gave up.
+
+    `max_attempts=None` retries for as long as the job is wanted (a welcome email);
+    such a job needs a `floor` so it can never spin."""
     job.last_error = error
     job.locked_until = None
     LogEntry(level="error", message=f"{job.kind} job {job.id} attempt {job.attempts}: {error}",
              instance=job.instance, job=job)
-    if job.attempts >= max_attempts:
+    if max_attempts is not None and job.attempts >= max_attempts:
         job.state = FAILED
         job.finished_at = utcnow()
         return False
-    delay = min(timedelta(seconds=base_seconds * 2 ** (job.attempts - 1)), BACKOFF_CAP)
+    delay = max(min(timedelta(seconds=base_seconds * 2 ** min(job.attempts - 1, 20)), cap),
+                floor)
     job.state = QUEUED
     job.next_run_at = utcnow() + delay
     return True
+
+
+def release(job: Job, reason: str) -> None:
+    """Hand a claimed job back untried (its run was cancelled): no attempt is counted."""
+    job.state, job.locked_until, job.next_run_at = QUEUED, None, utcnow()
+    job.attempts = max(job.attempts - 1, 0)
+    LogEntry(level="warning", message=f"{job.kind} job {job.id} queued again: {reason}",
+             instance=job.instance, job=job)
 
 
 def give_up(job: Job, error: str) -> None:

@@ -29,7 +29,8 @@ def build_message(config: Config, to: str, subject: str, text: str, html: str | 
 def send(config: Config, message: EmailMessage) -> str:
     """Deliver the message; return where it went (for the log, never its body)."""
     if config.email_host:
-        with smtplib.SMTP(config.email_host, config.email_port, timeout=30) as smtp:
+        with smtplib.SMTP(config.email_host, config.email_port,
+                          timeout=config.smtp_timeout_seconds) as smtp:
             if config.email_use_tls:
                 smtp.starttls()
             if config.email_host_user:

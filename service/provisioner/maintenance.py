@@ -16,7 +16,14 @@ from provisioner.ansible import operations
 from provisioner.ansible.operations import Operation
 from provisioner.ansible.store_vars import of_instance, with_target
 from provisioner.config import Config
-from provisioner.models import AnsibleRun, HealthCheck, Instance, LogEntry, utcnow
+from provisioner.models import (
+    AnsibleRun,
+    HealthCheck,
+    Instance,
+    LogEntry,
+    WebhookDelivery,
+    utcnow,
+)
 from provisioner.states import CONVERGED, JobKind, StoreState, transition
 
 Progress = Callable[[str], None]
@@ -153,7 +160,8 @@ def health_sweep(config: Config, progress: Progress = _quiet) -> Report:
 
 def sync(config: Config, progress: Progress = _quiet) -> Report:
     """Compare Docker with the DB: queue re-provisioning of stores whose container is
-    missing or in the wrong state; report containers we do not know."""
+    missing or in the wrong state, or that failed earlier; report containers we do
+    not know."""
     report = Report("sync")
     started = time.perf_counter()
     reality: dict[str, dict[str, dict]] = {}
@@ -162,12 +170,16 @@ def sync(config: Config, progress: Progress = _quiet) -> Report:
         reality[host.name] = docker_facts.containers_on(config, host)
     with db_session:
         known = {(i.docker_host, i.container_name) for i in Instance.select(lambda i: i.live)}
-        for instance in Instance.select(lambda i: i.live and i.provisioned_at is not None):
+        for instance in Instance.select(lambda i: i.live and (
+                i.provisioned_at is not None or i.status == StoreState.FAILED)):
             if instance.admin_hold or instance.desired_state not in CONVERGED:
                 continue
             container = reality.get(instance.docker_host, {}).get(instance.container_name)
             should_run = instance.desired_state == StoreState.RUNNING
-            if container is None:
+            if instance.status == StoreState.FAILED:
+                # Its retries ran out; whatever failed may be fixed by now (no dead end).
+                problem = f"failed earlier ({instance.status_message or 'no reason kept'})"
+            elif container is None:
                 problem = "container missing"
             elif (container["state"] == "running") != should_run:
                 problem = f"container {container['state']}, should be {instance.desired_state}"
@@ -236,11 +248,14 @@ def rotate_artifacts(config: Config) -> Report:
             if run_dir.is_dir():
                 shutil.rmtree(run_dir)
                 report.counts["run dirs"] = report.counts.get("run dirs", 0) + 1
-        old = LogEntry.select(lambda e: e.at < cutoff)
-        count = old.count()
-        old.delete(bulk=True)
-        if count:
-            report.counts["log entries"] = count
+        for label, old in (("log entries", LogEntry.select(lambda e: e.at < cutoff)),
+                           ("health checks", HealthCheck.select(lambda h: h.at < cutoff)),
+                           ("webhook deliveries",
+                            WebhookDelivery.select(lambda d: d.at < cutoff))):
+            count = old.count()
+            old.delete(bulk=True)
+            if count:
+                report.counts[label] = count
     return report
 
 

@@ -1,8 +1,9 @@
-"""The worker: drains the job queue.
+"""The worker: drains the job queue, in lanes (billing, email, ansible) that
+never wait for each other.
 
 Each job is claimed, run and recorded in separate short transactions; no
-transaction is open while a playbook runs, so the webhook's insert never waits
-for Ansible. Store jobs due together go into one ansible run per operation
+transaction is open while a playbook runs or an email is sent, so the webhook's
+insert never waits for Ansible or SMTP. Store jobs due together go into one ansible run per operation
 (convergence.py); events, reconciles and emails are quick DB work; the
 maintenance kinds are the CLI's operations.
 """
@@ -13,11 +14,20 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
+from datetime import timedelta
 
 from pony.orm import db_session, select
 
-from provisioner import convergence, events, jobs, lifecycle, maintenance, notifications
-from provisioner.ansible import operations
+from provisioner import (
+    convergence,
+    events,
+    jobs,
+    lifecycle,
+    mailer,
+    maintenance,
+    notifications,
+)
+from provisioner.ansible import operations, recording
 from provisioner.config import Config
 from provisioner.convergence import Batch
 from provisioner.models import Instance, Job, LogEntry, utcnow
@@ -27,8 +37,28 @@ from provisioner.states import MAINTENANCE_KINDS, JobKind, JobState, StoreState
 log = logging.getLogger(__name__)
 
 
-def recover_abandoned() -> int:
-    """Requeue jobs a previous worker left running (run one worker per database)."""
+# Each lane is a thread with its own claims: an email never waits for a playbook,
+# and a Stripe event is applied while a batch runs.
+LANES: dict[str, tuple[str, ...]] = {
+    "billing": (JobKind.EVENT, JobKind.RECONCILE),
+    "email": (JobKind.NOTIFY,),
+    "ansible": (JobKind.CONVERGE, JobKind.ACTION, JobKind.DESTROY, *MAINTENANCE_KINDS),
+}
+# Emails are retried for as long as they matter (a welcome only while its store
+# runs), at most this far apart.
+EMAIL_BACKOFF_CAP = timedelta(minutes=15)
+EMAIL_BACKOFF_FLOOR = timedelta(seconds=2)
+# How long the worker keeps trying to record a send that did happen.
+RECORD_PATIENCE_SECONDS = 600
+
+
+def recover_abandoned(config: Config | None = None) -> int:
+    """Requeue jobs a previous worker left running, and end the playbooks it left
+    behind (run one worker per database)."""
+    if config is not None:
+        # (getattr until recording.recover_abandoned_runs lands)
+        for line in getattr(recording, "recover_abandoned_runs", lambda _: [])(config):
+            log.warning("%s", line)
     with db_session:
         abandoned = select(j for j in Job if j.state == JobState.RUNNING.value)[:]
         for job in abandoned:
@@ -59,33 +89,58 @@ class Worker:
     # -- loop ----------------------------------------------------------------
 
     def run_forever(self, stop: threading.Event, paused: threading.Event | None = None) -> None:
+        """Run every lane until `stop`; then let the current run finish or cancel it
+        (STOP_GRACE_SECONDS) and return with no job of ours left running."""
         self.stop = stop
-        recover_abandoned()
+        recover_abandoned(self.config)
+        self._lane_wakes = {name: threading.Event() for name in LANES}
+        lanes = [threading.Thread(target=self._lane, args=(name, paused), daemon=True,
+                                  name=f"provisioner-worker-{name}") for name in LANES]
+        for lane in lanes:
+            lane.start()
         while not stop.is_set():
-            if paused is not None and paused.is_set():
-                stop.wait(0.2)
-                continue
-            try:
-                self.run_once()
-            except Exception:  # keep the worker alive; the job records say what failed
-                log.exception("worker iteration failed")
             self.wake.wait(self.config.worker_poll_seconds)
             self.wake.clear()
+            self._poke()
+        self._poke()
+        for lane in lanes:
+            lane.join(self.config.stop_grace_seconds + 30)
+        log.info("worker stopped")
 
-    def run_once(self) -> int:
-        """Process every due job, including the ones this creates; return how many."""
+    def _poke(self) -> None:
+        for event in getattr(self, "_lane_wakes", {}).values():
+            event.set()
+
+    def _lane(self, name: str, paused: threading.Event | None) -> None:
+        wake = self._lane_wakes[name]
+        while not self.stop.is_set():
+            if paused is not None and paused.is_set():
+                self.stop.wait(0.2)
+                continue
+            try:
+                if self.run_once(LANES[name]):
+                    self._poke()  # what was done may have queued work for another lane
+            except Exception:  # keep the lane alive; the job records say what failed
+                log.exception("worker lane %s failed", name)
+            wake.wait(self.config.worker_poll_seconds)
+            wake.clear()
+
+    def run_once(self, kinds: tuple[str, ...] | None = None) -> int:
+        """Process every due job (of `kinds`), including the ones this creates; return
+        how many. Stops claiming once the worker is asked to stop."""
         handled = 0
-        while True:
+        while not self.stop.is_set():
             with db_session:
-                claimed = jobs.claim_due()
-                kinds = {job_id: Job[job_id].kind for job_id in claimed}
+                claimed = jobs.claim_due(kinds=kinds)
+                kinds_of = {job_id: Job[job_id].kind for job_id in claimed}
             if not claimed:
                 return handled
             handled += len(claimed)
             by_kind: dict[str, list[int]] = {}
             for job_id in claimed:
-                by_kind.setdefault(kinds[job_id], []).append(job_id)
+                by_kind.setdefault(kinds_of[job_id], []).append(job_id)
             self._dispatch(by_kind)
+        return handled
 
     def _dispatch(self, by_kind: dict[str, list[int]]) -> None:
         for job_id in by_kind.pop(JobKind.EVENT, []):
@@ -97,7 +152,7 @@ class Worker:
         self._batches(lambda ids: convergence.plan_destroy(self.config, ids),
                       by_kind.pop(JobKind.DESTROY, []))
         for job_id in by_kind.pop(JobKind.NOTIFY, []):
-            self._in_transaction(job_id, self._notify)
+            self._notify(job_id)
         for kind in MAINTENANCE_KINDS:
             for job_id in by_kind.pop(kind, []):
                 self._maintenance(job_id, kind)
@@ -124,11 +179,67 @@ class Worker:
         if job.instance.live:
             lifecycle.reconcile(job.instance, self.config)
 
-    def _notify(self, job: Job) -> None:
+    # -- emails: committed as "sending", sent with no transaction open, recorded --
+
+    def _notify(self, job_id: int) -> None:
+        try:
+            with db_session:
+                job = Job[job_id]
+                outgoing = self._outgoing(job)
+                if outgoing is None:
+                    jobs.complete(job)
+        except Exception as exc:  # a render or DB failure: retried like a send failure
+            self._fail(job_id, f"{type(exc).__name__}: {exc}")
+            return
+        if outgoing is None:
+            return
+        try:
+            where = mailer.send(self.config, outgoing.message)
+        except Exception as exc:  # SMTP down, refused or timed out: retried with backoff
+            self._quietly(lambda: notifications.not_sent(outgoing))
+            self._fail(job_id, f"{type(exc).__name__}: {exc}")
+            return
+        self._record_durably(lambda: (notifications.sent(outgoing, where),
+                                      jobs.complete(Job[job_id])))
+
+    def _outgoing(self, job: Job) -> notifications.Outgoing | None:
         notice, _, key = (job.detail or "").partition("|")
-        if notice == "welcome" and job.instance.status != StoreState.RUNNING:
-            return  # the store went away before it was ready; no login to send
-        notifications.send_notice(self.config, job.instance, notice, key or "-")
+        instance = job.instance
+        if notice == "welcome" and instance.status != StoreState.RUNNING:
+            return None  # the store went away before it was ready; no login to send
+        detail = instance.status_message or ""
+        if notice == "admin_welcome_delayed":
+            welcome = instance.jobs.select(
+                lambda j: j.kind == JobKind.NOTIFY and j.detail == "welcome|-").first()
+            detail = (welcome.last_error or "") if welcome else ""
+        return notifications.prepare(self.config, instance, notice, key or "-",
+                                     detail=redact(detail, self._secrets_of([instance])))
+
+    def _record_durably(self, work: Callable[[], object]) -> None:
+        """Record what already happened outside (an email sent): keep trying while the
+        database is busy, so the job is never run, and the email never sent, twice."""
+        deadline = time.monotonic() + RECORD_PATIENCE_SECONDS
+        delay = 0.2
+        while True:
+            try:
+                with db_session:
+                    work()
+                return
+            except Exception:
+                if time.monotonic() > deadline:
+                    log.exception("could not record a finished job; it may run again")
+                    return
+                log.warning("database busy while recording a sent email; trying again")
+                time.sleep(delay)
+                delay = min(delay * 2, 5)
+
+    @staticmethod
+    def _quietly(work: Callable[[], object]) -> None:
+        try:
+            with db_session:
+                work()
+        except Exception:  # best effort: a leftover "sending" row only means a resend
+            log.warning("could not clear a failed send's record", exc_info=True)
 
     # -- long jobs: claim, run with no transaction open, record -------------
 
@@ -179,7 +290,11 @@ class Worker:
             return
         for name, job_id in job_of.items():
             outcome = result.hosts[name]
-            if outcome.conflict:
+            if getattr(outcome, "cancelled", False):
+                self._release(job_id, outcome.error or "run cancelled")
+            elif getattr(result, "timed_out", False):
+                self._fail(job_id, outcome.error or "ansible run timed out", alert=True)
+            elif outcome.conflict:
                 self._conflict(job_id, outcome.error)
             elif not outcome.ok:
                 self._fail(job_id, outcome.error or "failed")
@@ -194,18 +309,43 @@ class Worker:
 
     # -- failures ------------------------------------------------------------
 
-    def _fail(self, job_id: int, error: str) -> None:
+    def _fail(self, job_id: int, error: str, alert: bool = False) -> None:
+        """Record a failure: retried with backoff, visible on the job and its store; the
+        admin hears of a run that timed out and of a store whose retries ran out."""
         with db_session:
             job = Job[job_id]
-            error = redact(error, self._secrets_of([job.instance] if job.instance else []))
-            retrying = jobs.fail(job, error, max_attempts=self.config.job_max_attempts,
-                                 base_seconds=self.config.job_retry_base_seconds)
+            instance = job.instance
+            error = redact(error, self._secrets_of([instance] if instance else []))
+            email = job.kind == JobKind.NOTIFY
+            retrying = jobs.fail(
+                job, error, base_seconds=self.config.job_retry_base_seconds,
+                max_attempts=None if email else self.config.job_max_attempts,
+                cap=EMAIL_BACKOFF_CAP if email else jobs.BACKOFF_CAP,
+                floor=EMAIL_BACKOFF_FLOOR if email else timedelta(0))
             if job.event is not None:
                 job.event.error = error
                 job.event.failed_at = None if retrying else utcnow()
-            if job.kind in (JobKind.CONVERGE, JobKind.DESTROY) and job.instance is not None:
-                lifecycle.failed(job.instance, error, retrying)
+            if job.kind in (JobKind.CONVERGE, JobKind.DESTROY) and instance is not None:
+                lifecycle.failed(instance, error, retrying)
+                if alert or not retrying:
+                    lifecycle.notify(instance, "admin_job_failed", key=f"job-{job_id}")
+            if email and (job.detail or "").startswith("welcome|"):
+                self._welcome_overdue(instance)
         log.warning("job %s failed (%s): %s", job_id, "retrying" if retrying else "gave up", error)
+
+    def _welcome_overdue(self, instance: Instance) -> None:
+        """A store that runs without its customer having their login: tell the admin once."""
+        since = instance.provisioned_at
+        bound = timedelta(minutes=self.config.welcome_alert_after_minutes)
+        if since is not None and utcnow() - since >= bound:
+            lifecycle.notify(instance, "admin_welcome_delayed")
+
+    def _release(self, job_id: int, reason: str) -> None:
+        with db_session:
+            job = Job[job_id]
+            jobs.release(job, reason)
+            if job.instance is not None:
+                job.instance.status_message = f"queued again: {reason}"
 
     def _conflict(self, job_id: int, error: str) -> None:
         """Something not ours holds the store's name: an admin decides, nothing retries."""
@@ -222,8 +362,9 @@ class Worker:
 
 def serve_worker(config: Config, stop: threading.Event, wake: threading.Event,
                  paused: threading.Event | None = None) -> threading.Thread:
-    thread = threading.Thread(target=Worker(config, wake).run_forever, args=(stop, paused),
-                              name="provisioner-worker", daemon=True)
+    """The worker in a thread of `serve`; join it after `stop` for a graceful stop."""
+    thread = threading.Thread(target=Worker(config, wake, stop).run_forever,
+                              args=(stop, paused), name="provisioner-worker", daemon=True)
     thread.start()
     return thread
 
