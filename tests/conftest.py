@@ -123,6 +123,14 @@ def signup_events():
     return stripe_events.signup
 
 
+SUITE_ORDER = ("integration", "faults")
+
+
 def pytest_collection_modifyitems(items):
-    """Unit tests first: the integration suite's live worker thread must not see their data."""
-    items.sort(key=lambda item: "integration" in item.nodeid.split("::")[0])
+    """Unit tests first (the integration suite's live worker thread must not see their
+    data), then integration, then the fault-injection suite."""
+    def suite(item) -> int:
+        parts = item.nodeid.split("::")[0].split("/")
+        return next((n + 1 for n, name in enumerate(SUITE_ORDER) if name in parts), 0)
+
+    items.sort(key=suite)

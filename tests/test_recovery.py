@@ -11,7 +11,7 @@ from datetime import timedelta
 
 import pytest
 from aiosmtpd.controller import Controller
-from pony.orm import db_session
+from pony.orm import db_session, flush
 
 from provisioner import jobs, lifecycle, models
 from provisioner.ansible import operations
@@ -234,3 +234,21 @@ def test_health_fails_when_the_database_file_is_gone(config):
     finally:
         moved.rename(config.database_path)
     assert models.database_problem() is None
+
+
+def test_sync_queues_a_failed_store_again(config):
+    """Issue 14: `sync` said "in step" about a store whose retries had run out."""
+    from provisioner import maintenance
+
+    with db_session:
+        instance = Instance(subdomain="stuck-shop", site_name="s", admin_email="s@example.com",
+                            port=19118, status="failed", desired_state="running",
+                            status_message="docker unreachable")
+        flush()
+        instance_id = instance.id
+    report = maintenance.sync(config)
+    assert report.counts.get("corrected") == 1
+    assert any("stuck-shop: failed earlier (docker unreachable)" in line for line in report.lines)
+    with db_session:
+        assert Instance[instance_id].status == StoreState.PROVISIONING
+        assert Job.select(lambda j: j.kind == "converge" and j.state == "queued").exists()
