@@ -191,8 +191,9 @@ SETTINGS: tuple[Setting, ...] = (
     S("CLEANUP_AT", "cleanup_at", "03:30", time_of_day, "daily cleanup time inside `serve`"),
     S("ARTIFACT_RETENTION_DAYS", "artifact_retention_days", 30, integer(1, 3650),
       "ansible run dirs and log entries kept this long"),
-    S("JOB_MAX_ATTEMPTS", "job_max_attempts", 5, integer(1, 100),
-      "tries of a failing job before it is `failed`"),
+    S("JOB_MAX_ATTEMPTS", "job_max_attempts", 8, integer(1, 100),
+      "tries of a failing job before it is `failed` (8: about 20 minutes of retries; "
+      "`sync` and Retry try again later)"),
     S("JOB_RETRY_BASE_SECONDS", "job_retry_base_seconds", 5, integer(0, 3600),
       "first retry delay; doubles each time, at most an hour"),
     S("JOB_RUN_TIMEOUT_SECONDS", "run_timeout_seconds", 900, integer(10, 86400),
