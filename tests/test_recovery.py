@@ -252,3 +252,55 @@ def test_sync_queues_a_failed_store_again(config):
     with db_session:
         assert Instance[instance_id].status == StoreState.PROVISIONING
         assert Job.select(lambda j: j.kind == "converge" and j.state == "queued").exists()
+
+
+class FailOnceBackend:
+    """The first run fails every store the way Docker does when a port is taken."""
+
+    def __init__(self, real):
+        self.real = real
+        self.failed = False
+
+    def __call__(self, config, playbook, stores, *args, **kwargs):
+        if self.failed:
+            return self.real(config, playbook, stores, *args, **kwargs)
+        self.failed = True
+        from provisioner.ansible.runner import HostOutcome, RunResult
+        return RunResult(ident="x", playbook=playbook, status="failed", rc=2,
+                         artifact_dir=config.data_dir, hosts={
+                             s["name"]: HostOutcome(ok=False, error=(
+                                 "Error starting userland proxy: listen tcp4 "
+                                 f"127.0.0.1:{s['port']}: bind: address already in use"))
+                             for s in stores})
+
+
+def test_a_store_whose_port_another_program_holds_moves_to_a_free_one(config,
+                                                                       recorded_runs):
+    """Issue 14: another process on the store's port left it failed for good."""
+    import socket
+
+    from provisioner import docker_hosts
+
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", 0))
+    squatter.listen()
+    taken = squatter.getsockname()[1]
+    try:
+        with db_session:
+            squat_config = dataclasses.replace(config, port_range_start=taken,
+                                               port_range_end=taken + 20)
+            assert docker_hosts.free_port(squat_config) != taken
+            instance = Instance(subdomain="squat-shop", site_name="s",
+                                admin_email="s@example.com", port=taken,
+                                desired_state="running", status="failed")
+            jobs.enqueue(JobKind.CONVERGE, instance=instance)
+            flush()
+            instance_id = instance.id
+        operations.BACKEND = FailOnceBackend(recorded_runs)
+        Worker(squat_config).run_once()
+    finally:
+        squatter.close()
+    with db_session:
+        instance = Instance[instance_id]
+        assert instance.port != taken and instance.status == StoreState.RUNNING
+    assert recorded_runs.runs[-1][1][0]["port"] == instance.port

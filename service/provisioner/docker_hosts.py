@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import re
+import socket
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import yaml
 from pony.orm import count, select
 
 from provisioner.config import Config
-from provisioner.models import Instance
+from provisioner.models import Instance, LogEntry
 
 DEFAULT_DOCKER_URL = "unix:///var/run/docker.sock"
 
@@ -50,13 +53,39 @@ def host_url(config: Config, name: str) -> str:
     return DEFAULT_DOCKER_URL
 
 
-def free_port(config: Config) -> int:
-    """The lowest port no live store has, on any host: hosts may share a loopback."""
-    used = set(select(i.port for i in Instance if i.live))
+def free_port(config: Config, avoid: Iterable[int] = ()) -> int:
+    """The lowest port no live store has, on any host (hosts may share a loopback), and
+    that no other program listens on here: a port someone else took would fail the store."""
+    used = set(select(i.port for i in Instance if i.live)) | set(avoid)
     for port in range(config.port_range_start, config.port_range_end + 1):
-        if port not in used:
+        if port not in used and _bindable(port):
             return port
     raise NoCapacity(f"no free port in {config.port_range_start}-{config.port_range_end}")
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+PORT_TAKEN = re.compile(r"port is already allocated|address already in use", re.IGNORECASE)
+
+
+def move_if_port_taken(config: Config, instance: Instance, error: str) -> int | None:
+    """Another program holds the store's port (the container could not publish it):
+    give the store a free one, so its retry can succeed. The new port, or None."""
+    if not PORT_TAKEN.search(error or ""):
+        return None
+    old = instance.port
+    instance.port = free_port(config, avoid={old})
+    LogEntry(instance=instance, level="warning",
+             message=f"port {old} is taken by another program; the store moves to "
+                     f"{instance.port}")
+    return instance.port
 
 
 def place(config: Config) -> str:

@@ -3,9 +3,9 @@ never wait for each other.
 
 Each job is claimed, run and recorded in separate short transactions; no
 transaction is open while a playbook runs or an email is sent, so the webhook's
-insert never waits for Ansible or SMTP. Store jobs due together go into one ansible run per operation
-(convergence.py); events, reconciles and emails are quick DB work; the
-maintenance kinds are the CLI's operations.
+insert never waits for Ansible or SMTP. Store jobs due together go into one
+ansible run per operation (convergence.py); events and reconciles are quick DB
+work; the maintenance kinds are the CLI's operations.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from pony.orm import db_session, select
 
 from provisioner import (
     convergence,
+    docker_hosts,
     events,
     jobs,
     lifecycle,
@@ -325,6 +326,8 @@ class Worker:
             if job.event is not None:
                 job.event.error = error
                 job.event.failed_at = None if retrying else utcnow()
+            if job.kind == JobKind.CONVERGE and retrying and instance is not None:
+                docker_hosts.move_if_port_taken(self.config, instance, error)
             if job.kind in (JobKind.CONVERGE, JobKind.DESTROY) and instance is not None:
                 lifecycle.failed(instance, error, retrying)
                 if alert or not retrying:
