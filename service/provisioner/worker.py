@@ -57,8 +57,7 @@ def recover_abandoned(config: Config | None = None) -> int:
     """Requeue jobs a previous worker left running, and end the playbooks it left
     behind (run one worker per database)."""
     if config is not None:
-        # (getattr until recording.recover_abandoned_runs lands)
-        for line in getattr(recording, "recover_abandoned_runs", lambda _: [])(config):
+        for line in recording.recover_abandoned_runs(config):
             log.warning("%s", line)
     with db_session:
         abandoned = select(j for j in Job if j.state == JobState.RUNNING.value)[:]
@@ -78,6 +77,7 @@ class Worker:
         self.wake = wake or threading.Event()
         self.stop = stop or threading.Event()
         self._stop_seen: float | None = None
+        self._lane_wakes: dict[str, threading.Event] = {}
 
     def _cancelled(self) -> bool:
         """True once the worker was asked to stop and the grace for the run is over."""
@@ -109,7 +109,7 @@ class Worker:
         log.info("worker stopped")
 
     def _poke(self) -> None:
-        for event in getattr(self, "_lane_wakes", {}).values():
+        for event in self._lane_wakes.values():
             event.set()
 
     def _lane(self, name: str, paused: threading.Event | None) -> None:
@@ -291,9 +291,9 @@ class Worker:
             return
         for name, job_id in job_of.items():
             outcome = result.hosts[name]
-            if getattr(outcome, "cancelled", False):
+            if outcome.cancelled:
                 self._release(job_id, outcome.error or "run cancelled")
-            elif getattr(result, "timed_out", False):
+            elif result.timed_out:
                 self._fail(job_id, outcome.error or "ansible run timed out", alert=True)
             elif outcome.conflict:
                 self._conflict(job_id, outcome.error)

@@ -1,14 +1,20 @@
 """Playbook runs as the provisioning log sees them: the one place an AnsibleRun
 row is made, its task events streamed into LogEntry rows as they happen, its
-outcome recorded. Every run the service or a CLI command starts goes through here."""
+outcome recorded. Every run the service or a CLI command starts goes through here.
+
+A row is `running` only while its run lives: whatever run_playbook returns or
+raises is written back, and a worker starting up ends what a dead predecessor
+left (`recover_abandoned_runs`)."""
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 
 from pony.orm import db_session, flush, select
 
-from provisioner.ansible.runner import RunResult, artifact_dir, new_ident
+from provisioner.ansible.runner import RunResult, artifact_dir, end_run_processes, new_ident
 from provisioner.config import Config
 from provisioner.models import AnsibleRun, Instance, Job, LogEntry, utcnow
 from provisioner.redaction import redact
@@ -57,7 +63,7 @@ def recorded_run(config: Config, playbook: str, stores: list[dict], secrets: dic
     try:
         result = runner(config, playbook, stores, secrets, on_event=sink, ident=ident,
                         **({"cancel": cancel} if cancel is not None else {}))
-    except Exception:
+    except BaseException:  # KeyboardInterrupt and SystemExit too: never left `running`
         with db_session:
             AnsibleRun[run_id].status = "error"
             AnsibleRun[run_id].finished_at = utcnow()
@@ -70,6 +76,47 @@ def recorded_run(config: Config, playbook: str, stores: list[dict], secrets: dic
     return result
 
 
+def _run_dir_in_use(config: Config, ident: str) -> bool:
+    """Whether a live process still holds the run's lock (runner._private_run_dir):
+    a run some other process (a CLI command) is doing right now is not abandoned."""
+    try:
+        fd = os.open(config.ansible_runs_dir / ident / ".lock", os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def recover_abandoned_runs(config: Config) -> list[str]:
+    """End the runs a dead worker left `running`: their processes, then the rows.
+
+    For a worker starting up (one worker per database). A recorded pid counts
+    only while it is still ansible-playbook of that run (pids are reused).
+    Returns one line per run, for the log."""
+    with db_session:
+        left = [(r.id, r.ident, r.pid) for r in AnsibleRun.select(status="running")]
+    done = []
+    for run_id, ident, pid in left:
+        if _run_dir_in_use(config, ident):
+            done.append(f"run {ident}: still in progress in another process, left alone")
+            continue
+        ended = end_run_processes(ident, leader=pid)
+        with db_session:
+            run = AnsibleRun[run_id]
+            run.status, run.finished_at = "abandoned", utcnow()
+            LogEntry(level="warning", ansible_run=run,
+                     message=f"run {ident} was left running by a stopped worker; "
+                             f"{len(ended)} of its processes ended")
+        done.append(f"run {ident}: abandoned, {len(ended)} processes ended"
+                    + (f" ({', '.join(map(str, ended))})" if ended else ""))
+    return done
+
+
 class _EventSink:
     """Streams ansible-runner task events into the provisioning log as they happen."""
 
@@ -79,6 +126,8 @@ class _EventSink:
         self.secrets = secrets
 
     def __call__(self, event: dict) -> None:
+        if event.get("event") == "playbook_on_start" and event.get("pid"):
+            self._record_pid(int(event["pid"]))
         outcome = TASK_OUTCOMES.get(event.get("event", ""))
         if outcome is None:
             return
@@ -101,4 +150,10 @@ class _EventSink:
         except Exception:  # a log write must never break the run it describes
             log.exception("could not record ansible event")
 
-
+    def _record_pid(self, pid: int) -> None:
+        """ansible-playbook's own pid: what a later worker ends if this one dies."""
+        try:
+            with db_session:
+                AnsibleRun[self.run_id].pid = pid
+        except Exception:
+            log.exception("could not record the pid of ansible run %s", self.run_id)

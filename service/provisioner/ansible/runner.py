@@ -8,13 +8,25 @@ file is deleted as soon as ansible-playbook has read it, and a run killed
 before that leaves a file that the next run sweeps away (a run holds a lock
 on its dir while it lives). The playbook's environment is a minimal one: the
 service's own secrets never reach it nor the `command` artifact.
+
+Every run is bounded (`run_timeout_seconds`) and cancellable (the worker's
+stop); either way no process of the run outlives it. ansible-playbook runs in
+its own session and its forked workers each start another (`os.setsid`), so
+ansible-runner, which kills the first one's process group, leaves the workers
+and the commands they run alive: they are found by the run dir in their
+command line and as their descendants (here after a run, and by
+`recording.recover_abandoned_runs` after a crash).
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import logging
 import os
+import signal
 import sys
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,10 +37,24 @@ from ansible_runner.interface import init_runner
 from provisioner.ansible.untrusted import extra_vars_yaml
 from provisioner.config import Config
 
+log = logging.getLogger(__name__)
+
 EventSink = Callable[[dict], None]
 
 
 CONFLICT = "conflict:"
+CANCELLED = "cancelled:"
+TIMEOUT = "timeout"      # ansible-runner's status of a run it ended at its timeout
+CANCELED = "canceled"    # ... and of one its cancel callback ended
+# In the environment of every process of a run (ansible-playbook, its forked
+# workers, the modules and what they start): how one cut off from the tree while
+# the run is being ended is still recognised.
+RUN_MARK = "PROVISIONER_ANSIBLE_RUN"
+# How long an ended run's processes get between SIGTERM and SIGKILL.
+KILL_GRACE_SECONDS = 5.0
+# How often ansible-runner looks at the cancel callback and the timeout while
+# ansible-playbook is quiet (its default is 5 s).
+POLL_SECONDS = 1
 
 
 @dataclass
@@ -42,6 +68,11 @@ class HostOutcome:
         """The role found something that is not ours where the store should be."""
         return not self.ok and (self.error or "").startswith(CONFLICT)
 
+    @property
+    def cancelled(self) -> bool:
+        """The worker stopped the run: the store was not tried to the end, no attempt counts."""
+        return not self.ok and (self.error or "").startswith(CANCELLED)
+
 
 @dataclass
 class RunResult:
@@ -53,6 +84,14 @@ class RunResult:
     hosts: dict[str, HostOutcome] = field(default_factory=dict)
     # The AnsibleRun row, once recorded.
     run_id: int | None = None
+
+    @property
+    def timed_out(self) -> bool:
+        return self.status == TIMEOUT
+
+    @property
+    def cancelled(self) -> bool:
+        return self.status == CANCELED
 
 
 def settings_vars(config: Config) -> dict:
@@ -154,12 +193,28 @@ def _private_run_dir(config: Config, ident: str) -> tuple[Path, int]:
     return private_dir, lock
 
 
-def _outcomes(stores: list[dict], runner, failures: dict[str, str]) -> dict[str, HostOutcome]:
-    """Each store's result, from the run's stats and the failures seen in its events."""
+def _interruption(config: Config, runner, ident: str) -> str | None:
+    """Why the run was ended before its end, as each of its stores' error."""
+    if runner.status == TIMEOUT:
+        return f"ansible run timed out after {config.run_timeout_seconds} s (run {ident})"
+    if runner.status == CANCELED:
+        return f"{CANCELLED} the worker stopped during run {ident}"
+    return None
+
+
+def _outcomes(stores: list[dict], runner, failures: dict[str, str],
+              interrupted: str | None = None) -> dict[str, HostOutcome]:
+    """Each store's result, from the run's stats and the failures seen in its events.
+
+    An interrupted run fails every store: none of them was seen to the end."""
     stats = runner.stats or {}
     hosts: dict[str, HostOutcome] = {}
     for store in stores:
         name = store["name"]
+        if interrupted is not None:
+            earlier = f"; before that: {failures[name]}" if name in failures else ""
+            hosts[name] = HostOutcome(ok=False, error=interrupted + earlier)
+            continue
         failed = name in failures or name in (stats.get("failures") or {}) or \
             name in (stats.get("dark") or {})
         seen = any(name in (stats.get(key) or {}) for key in ("ok", "failures", "dark", "skipped"))
@@ -170,6 +225,108 @@ def _outcomes(stores: list[dict], runner, failures: dict[str, str]) -> dict[str,
         hosts[name] = HostOutcome(ok=seen and not failed,
                                   changed=(stats.get("changed") or {}).get(name, 0), error=error)
     return hosts
+
+
+# -- the processes of a run ---------------------------------------------------
+
+def _proc_read(pid: int, name: str) -> bytes:
+    try:
+        return (Path("/proc") / str(pid) / name).read_bytes()
+    except OSError:  # gone, or not ours to read
+        return b""
+
+
+def _parents() -> dict[int, int]:
+    """Every live process and its parent."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            fields = _proc_read(int(entry.name), "stat").rpartition(b")")[2].split()
+            if len(fields) > 1 and fields[0] != b"Z":
+                parents[int(entry.name)] = int(fields[1])
+    return parents
+
+
+def is_playbook_of(pid: int, ident: str) -> bool:
+    """Whether `pid` is ansible-playbook of run `ident` (its run dir is in the command
+    line), the main process or a forked worker, and not a recycled pid."""
+    args = _proc_read(pid, "cmdline").split(b"\0")
+    return any(arg.endswith(b"ansible-playbook") for arg in args) and \
+        any(ident.encode() in arg for arg in args)
+
+
+def _marked(pid: int, ident: str) -> bool:
+    return f"{RUN_MARK}={ident}".encode() in _proc_read(pid, "environ").split(b"\0")
+
+
+def run_processes(ident: str) -> set[int]:
+    """The run's ansible-playbook processes and everything they started that still
+    hangs off them (a daemon a task started has left the tree and is spared)."""
+    parents = _parents()
+    found = {pid for pid in parents if pid != os.getpid() and is_playbook_of(pid, ident)}
+    frontier = set(found)
+    while frontier:
+        frontier = {pid for pid, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def _signal(pid: int, number: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, number)
+
+
+def _signal_group(leader: int, number: int) -> None:
+    """The leader's process group, when it leads one (ansible-runner starts it so)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        if os.getpgid(leader) == leader:
+            os.killpg(leader, number)
+
+
+def end_run_processes(ident: str, leader: int | None = None,
+                      grace: float = KILL_GRACE_SECONDS) -> list[int]:
+    """SIGTERM every process of the run, SIGKILL what is left after `grace`.
+
+    A process whose parent was ended before it leaves the tree; it is still
+    followed while it carries the run's mark. `leader`, ansible-playbook's pid
+    if known, has its process group ended too. Returns the pids ended."""
+    ended: set[int] = set()
+    kill_at = time.monotonic() + grace
+    give_up_at = kill_at + grace
+    while time.monotonic() < give_up_at:
+        pids = run_processes(ident) | {pid for pid in ended if _marked(pid, ident)}
+        if not pids:
+            break
+        killing = time.monotonic() >= kill_at
+        number = signal.SIGKILL if killing else signal.SIGTERM
+        for pid in pids if killing else pids - ended:
+            if pid == leader:
+                _signal_group(pid, number)
+            _signal(pid, number)
+        ended |= pids
+        time.sleep(0.05)
+    return sorted(ended)
+
+
+def _cancel_callback(cancel: Callable[[], bool] | None) -> Callable[[], bool]:
+    """Always given to ansible-runner: without one it installs SIGTERM and SIGINT
+    handlers of its own (in the main thread) that outlive the run, so a later
+    SIGTERM no longer stops the service. A callback that fails does not cancel
+    (the run timeout still bounds it), and it raising would leave the run orphaned."""
+    failed = False
+
+    def cancelled() -> bool:
+        nonlocal failed
+        if cancel is None:
+            return False
+        try:
+            return bool(cancel())
+        except Exception:
+            if not failed:
+                log.exception("the cancel check of an ansible run failed")
+            failed = True
+            return False
+    return cancelled
 
 
 def run_playbook(config: Config, playbook: str, stores: list[dict], secrets: dict | None = None,
@@ -201,6 +358,8 @@ def run_playbook(config: Config, playbook: str, stores: list[dict], secrets: dic
     try:
         runner = init_runner(
             private_data_dir=str(private_dir), ident=ident,
+            timeout=config.run_timeout_seconds, settings={"pexpect_timeout": POLL_SECONDS},
+            cancel_callback=_cancel_callback(cancel),
             playbook=str(config.playbooks_dir / playbook),
             # The Docker hosts only: the stores of this run come as provisioner_stores.
             inventory=str(config.inventory_file), limit=limit, forks=config.ansible_forks,
@@ -210,13 +369,21 @@ def run_playbook(config: Config, playbook: str, stores: list[dict], secrets: dic
                 "ANSIBLE_NOCOLOR": "1",
                 # ansible-playbook lives beside the Python running us, venv or not.
                 "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+                RUN_MARK: ident,
             },
             event_handler=event_handler, quiet=True)
         runner.config.env = minimal_env(runner.config.env, dict(os.environ))
         runner.run()
     finally:
+        # ansible-runner kills ansible-playbook's group only; its workers and
+        # what they started live on in sessions of their own.
+        leftovers = end_run_processes(ident)
         extravars_file.unlink(missing_ok=True)
         os.close(lock)
+    if leftovers:
+        log.warning("run %s (%s): ended %d leftover processes", ident, runner.status,
+                    len(leftovers))
     return RunResult(ident=ident, playbook=playbook, status=runner.status, rc=runner.rc,
                      artifact_dir=Path(runner.config.artifact_dir),
-                     hosts=_outcomes(stores, runner, failures))
+                     hosts=_outcomes(stores, runner, failures,
+                                     _interruption(config, runner, ident)))
