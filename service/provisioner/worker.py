@@ -148,18 +148,28 @@ class Worker:
             self._in_transaction(job_id, self._apply_event)
         for job_id in by_kind.pop(JobKind.RECONCILE, []):
             self._in_transaction(job_id, self._reconcile)
-        self._batches(convergence.plan_converge, by_kind.pop(JobKind.CONVERGE, []))
-        self._batches(self._plan_actions, by_kind.pop(JobKind.ACTION, []))
-        self._batches(lambda ids: convergence.plan_destroy(self.config, ids),
-                      by_kind.pop(JobKind.DESTROY, []))
         for job_id in by_kind.pop(JobKind.NOTIFY, []):
             self._notify(job_id)
+        self._batches(convergence.plan_converge, self._unless_stopping(by_kind, JobKind.CONVERGE))
+        self._batches(self._plan_actions, self._unless_stopping(by_kind, JobKind.ACTION))
+        self._batches(lambda ids: convergence.plan_destroy(self.config, ids),
+                      self._unless_stopping(by_kind, JobKind.DESTROY))
         for kind in MAINTENANCE_KINDS:
-            for job_id in by_kind.pop(kind, []):
+            for job_id in self._unless_stopping(by_kind, kind):
                 self._maintenance(job_id, kind)
         for kind, ids in by_kind.items():
             for job_id in ids:
                 self._fail(job_id, f"unknown job kind {kind!r}")
+
+    def _unless_stopping(self, by_kind: dict[str, list[int]], kind: str) -> list[int]:
+        """The claimed jobs of `kind`, or none if the worker is stopping: those are
+        handed back untried rather than started now."""
+        job_ids = by_kind.pop(kind, [])
+        if self.stop.is_set():
+            for job_id in job_ids:
+                self._release(job_id, "the worker is stopping")
+            return []
+        return job_ids
 
     # -- quick jobs: one transaction each ------------------------------------
 
