@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import pytest
 from pony.orm import db_session
@@ -41,8 +42,9 @@ def stores(admin_config):
 
 ADMIN_GETS = ["/api/instances/", "/api/instances/1/", "/api/instances/1/health/",
               "/api/instances/1/stats/", "/api/customers/", "/api/stats/", "/api/jobs/1/",
-              "/api/runs/1/", "/metrics"]
-ADMIN_POSTS = ["/api/instances/1/start/", "/api/instances/1/stop/", "/api/instances/1/restart/"]
+              "/api/runs/1/", "/metrics", "/api/webhooks/", "/api/events/1/", "/api/audit/"]
+ADMIN_POSTS = ["/api/instances/1/start/", "/api/instances/1/stop/", "/api/instances/1/restart/",
+               "/api/instances/1/retry/", "/api/events/1/replay/"]
 
 
 @pytest.mark.parametrize("path", ADMIN_GETS + ADMIN_POSTS)
@@ -74,13 +76,13 @@ def test_without_configured_credentials_nobody_gets_in(config):
 
 @pytest.mark.parametrize("path", ["/api/instances/999/", "/api/instances/999/health/",
                                   "/api/instances/999/stats/", "/api/jobs/999/",
-                                  "/api/runs/999/"])
+                                  "/api/runs/999/", "/api/events/999/"])
 def test_unknown_ids_are_404(app, path):
     status, body = call(app, "GET", path, headers=AUTH)
     assert status == 404 and "999" in body["error"]
 
 
-@pytest.mark.parametrize("action", ["start", "stop", "restart"])
+@pytest.mark.parametrize("action", ["start", "stop", "restart", "retry"])
 def test_action_on_unknown_store_is_404(app, action):
     assert call(app, "POST", f"/api/instances/999/{action}/", headers=AUTH)[0] == 404
 
@@ -200,9 +202,7 @@ def test_openapi_documents_every_api_route(app):
     for route in app.routes:
         if not route.rule.startswith("/api/"):
             continue
-        path = route.rule.replace("<instance_id:int>", "{id}").replace(
-            "<job_id:int>", "{id}").replace("<run_id:int>", "{id}")
-        routed.add((path, route.method))
+        routed.add((re.sub(r"<\w+:int>", "{id}", route.rule), route.method))
     assert routed - documented == set(), "routes missing from the OpenAPI document"
     assert documented - routed == set(), "documented paths that do not exist"
 
@@ -210,13 +210,22 @@ def test_openapi_documents_every_api_route(app):
 def test_admin_pages_need_auth_and_render(app, stores):
     status, text, headers = call(app, "GET", "/admin/", raw=True)
     assert status == 401 and headers["Www-Authenticate"].startswith("Basic")
+    for n, path in enumerate(["/admin/", "/admin/instances/",
+                              f"/admin/instances/{stores['alpha-shop']}/", "/admin/customers/",
+                              "/admin/webhooks/", "/admin/audit/"]):
+        status, html, _ = call(app, "GET", path, raw=True, remote_addr=f"10.0.0.{n}")
+        assert status == 401, path
+        status, html, _ = call(app, "GET", path, headers=AUTH, raw=True)
+        assert status == 200 and b'href="/admin/webhooks/"' in html and \
+            b'href="/admin/audit/"' in html, path
     for path in ["/admin/", "/admin/instances/", f"/admin/instances/{stores['alpha-shop']}/",
                  "/admin/customers/"]:
         status, html, _ = call(app, "GET", path, headers=AUTH, raw=True)
         assert status == 200 and b"alpha-shop" in html, path
 
 
-@pytest.mark.parametrize("path", ["/admin/instances/999/", "/admin/runs/999/"])
+@pytest.mark.parametrize("path", ["/admin/instances/999/", "/admin/runs/999/",
+                                  "/admin/events/999/"])
 def test_admin_pages_for_unknown_ids_are_404(app, path):
     status, html, _ = call(app, "GET", path, headers=AUTH, raw=True)
     assert status == 404 and b"999" in html

@@ -4,15 +4,17 @@ JSON API and the admin pages alike (routes only translate HTTP)."""
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
-from pony.orm import count, desc, flush, select
+from pony.orm import commit, count, desc, flush, select
 
-from provisioner import jobs
+from provisioner import events, jobs, lifecycle
 from provisioner.config import Config
 from provisioner.models import (
     AnsibleRun,
+    AuditEntry,
     Customer,
     HealthCheck,
     Instance,
@@ -20,6 +22,7 @@ from provisioner.models import (
     LogEntry,
     StripeEvent,
     Subscription,
+    WebhookDelivery,
     utcnow,
 )
 from provisioner.redaction import redact
@@ -28,9 +31,16 @@ from provisioner.states import JobKind, JobState, StoreState
 PAYING = ("active", "trialing", "past_due")
 # Plain strings for Pony queries.
 _FAILED = JobState.FAILED.value
+_QUEUED = JobState.QUEUED.value
 _WAITING = (JobState.QUEUED.value, JobState.RUNNING.value)
 _RUNNING = StoreState.RUNNING.value
 _NEEDING_AN_ADMIN = (StoreState.FAILED.value, StoreState.NEEDS_ATTENTION.value)
+# Stores an admin repairs with Retry (a fresh converge), not with Start or Restart.
+RETRY_STATES = (StoreState.FAILED.value, StoreState.OUT_OF_STEP.value,
+                StoreState.NEEDS_ATTENTION.value)
+WEBHOOK_OUTCOMES = ("accepted", "duplicate", "rejected", "busy")
+# Pony's int keys are 32-bit: a larger id names nothing (and Pony would raise on it).
+_MAX_ID = 2**31 - 1
 
 
 class NotFound(LookupError):
@@ -39,6 +49,46 @@ class NotFound(LookupError):
 
 class Conflict(Exception):
     pass
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Who asks for an admin action, for the audit log: the admin user of Basic auth,
+    "token" for the bearer token, "cli:<unix user>"; and the client address, if any."""
+
+    name: str
+    address: str | None = None
+
+
+def audit(by: Actor, action: str, target: str, detail: str | None = None) -> AuditEntry:
+    """Record an admin action (needs a db_session): written with the action itself."""
+    return AuditEntry(actor=by.name[:200], action=action, target=target,
+                      detail=detail[:1000] if detail else None, address=by.address)
+
+
+def _refused(by: Actor, action: str, target: str, reason: str) -> Conflict:
+    """A refused action is audited too (who tried what); committed now, because the
+    caller's transaction ends with the Conflict this returns for raising."""
+    audit(by, action, target, f"refused: {reason}")
+    commit()
+    return Conflict(reason)
+
+
+def _instance_target(instance: Instance) -> str:
+    return f"instance:{instance.id}"
+
+
+def _event_target(event: StripeEvent) -> str:
+    return f"event:{event.id}"
+
+
+def _valid_id(value: int) -> bool:
+    return 0 < value <= _MAX_ID
+
+
+def _skip_page(total: int, page: int, per_page: int) -> bool:
+    """A page past the end is empty: no query (nor an offset beyond SQLite's integers)."""
+    return (page - 1) * per_page >= total
 
 
 def _iso(value) -> str | None:
@@ -125,7 +175,7 @@ def list_instances(config: Config, status: str | None = None, q: str | None = No
 
 
 def get_instance(instance_id: int) -> Instance:
-    instance = Instance.get(id=instance_id)
+    instance = Instance.get(id=instance_id) if _valid_id(instance_id) else None
     if instance is None:
         raise NotFound(f"no instance {instance_id}")
     return instance
@@ -136,11 +186,16 @@ def instance_detail(config: Config, instance_id: int) -> dict:
     recent_jobs = instance.jobs.select().order_by(desc(Job.id)).limit(20)
     recent_logs = instance.logs.select().order_by(desc(LogEntry.id)).limit(100)
     checks = instance.health_checks.select().order_by(desc(HealthCheck.id)).limit(20)
+    target = _instance_target(instance)
+    recent_audit = AuditEntry.select(lambda a: a.target == target
+                                     ).order_by(desc(AuditEntry.id)).limit(10)
     return {**instance_summary(config, instance),
+            "retryable": instance.status in RETRY_STATES,
             "jobs": [job_summary(j) for j in recent_jobs],
             "health_history": [{"at": _iso(h.at), "ok": h.ok, "detail": h.detail,
                                 "action": h.action} for h in checks],
-            "log": [log_summary(e) for e in recent_logs]}
+            "log": [log_summary(e) for e in recent_logs],
+            "audit": [audit_summary(a) for a in recent_audit]}
 
 
 def list_runs(limit: int = 100) -> list[dict]:
@@ -150,18 +205,210 @@ def list_runs(limit: int = 100) -> list[dict]:
             for r in AnsibleRun.select().order_by(desc(AnsibleRun.id)).limit(limit)]
 
 
-def queue_action(instance_id: int, action: str) -> Job:
-    """Queue an admin start/stop/restart; Conflict when the store cannot take it."""
-    instance = get_instance(instance_id)
+def _action_refusal(instance: Instance, action: str) -> str | None:
+    """Why the store cannot take this admin action now, or None."""
+    starts = action in ("start", "restart", "unsuspend")
+    if starts and instance.status in RETRY_STATES:
+        # Starting a container cannot repair a half-made store; a retry re-applies it all.
+        return (f"store {instance.subdomain} is {instance.status}: {action} cannot repair it; "
+                f"use Retry (the Retry button, POST /api/instances/{instance.id}/retry/ or "
+                f"`provisioner retry {instance.id}`), which re-applies the whole store")
     if not instance.live or instance.provisioned_at is None:
-        raise Conflict(f"store {instance.subdomain} has no container to {action}")
-    if action in ("start", "restart", "unsuspend") and \
-            instance.desired_state != StoreState.RUNNING:
-        raise Conflict(f"billing says {instance.desired_state}: it cannot be {action}ed")
-    LogEntry(instance=instance, message=f"admin queued {action}")
+        return f"store {instance.subdomain} has no container to {action}"
+    if starts and instance.desired_state != StoreState.RUNNING:
+        return f"billing says {instance.desired_state}: it cannot be {action}ed"
+    return None
+
+
+def queue_action(instance_id: int, action: str, by: Actor) -> Job:
+    """Queue an admin start/stop/restart/suspend/unsuspend, audited; Conflict (also
+    audited) when the store cannot take it."""
+    instance = get_instance(instance_id)
+    target = _instance_target(instance)
+    reason = _action_refusal(instance, action)
+    if reason is not None:
+        raise _refused(by, action, target, reason)
+    LogEntry(instance=instance, message=f"admin {by.name} queued {action}")
     job = jobs.enqueue(JobKind.ACTION, instance=instance, detail=action)
     flush()
+    audit(by, action, target, f"{instance.subdomain}: job {job.id} queued")
     return job
+
+
+def find_instance(name_or_id: str) -> Instance:
+    """A store by id or subdomain (the live one first, else the newest with that name)."""
+    text = name_or_id.strip()
+    if text.isascii() and text.isdigit() and len(text) <= 10:
+        return get_instance(int(text))
+    named = Instance.select(lambda i: i.subdomain == text)
+    instance = named.filter(lambda i: i.live).first() or named.order_by(desc(Instance.id)).first()
+    if instance is None:
+        raise NotFound(f"no store named {text!r}")
+    return instance
+
+
+def retry_store(config: Config, instance_id: int, by: Actor) -> dict:
+    """Retry a failed, out-of-step or parked store (lifecycle.retry), audited: the
+    store's state after it and the jobs now waiting for it."""
+    instance = get_instance(instance_id)
+    target = _instance_target(instance)
+    try:
+        lifecycle.retry(instance, config, by.name)
+    except lifecycle.RetryRefused as exc:
+        raise _refused(by, "retry", target, str(exc)) from None
+    flush()
+    waiting = instance.jobs.select(lambda j: j.state == _QUEUED
+                                   ).order_by(Job.id)[:]
+    converge = next((j for j in waiting if j.kind == JobKind.CONVERGE), None)
+    audit(by, "retry", target, f"{instance.subdomain}: " + (
+        f"converge job {converge.id} queued towards {instance.desired_state}" if converge
+        else f"nothing to run: billing says {instance.desired_state}"))
+    return {"instance_id": instance.id, "subdomain": instance.subdomain,
+            "status": instance.status, "desired_state": instance.desired_state,
+            "job_id": converge.id if converge else None,
+            "queued": [job_summary(j) for j in waiting]}
+
+
+# -- Stripe events and webhook deliveries ------------------------------------
+
+def get_event(event_id: int) -> StripeEvent:
+    event = StripeEvent.get(id=event_id) if _valid_id(event_id) else None
+    if event is None:
+        raise NotFound(f"no event {event_id}")
+    return event
+
+
+def find_event(stripe_id_or_number: str) -> StripeEvent:
+    """A recorded event by its Stripe id (evt_...) or its number here."""
+    text = stripe_id_or_number.strip()
+    if text.isascii() and text.isdigit() and len(text) <= 10:
+        return get_event(int(text))
+    event = StripeEvent.get(stripe_id=text)
+    if event is None:
+        raise NotFound(f"no recorded event {text!r}")
+    return event
+
+
+def _event_state(event: StripeEvent, waiting: bool) -> str:
+    if waiting:
+        return "queued"
+    if event.failed_at:
+        return "failed"
+    if event.processed_at:
+        return "processed"
+    return "retrying" if event.error else "pending"
+
+
+def event_summary(event: StripeEvent, waiting: bool) -> dict:
+    """A recorded event without its payload (customer details stay in the DB)."""
+    return {"id": event.id, "stripe_id": event.stripe_id, "type": event.type,
+            "state": _event_state(event, waiting), "received_at": _iso(event.received_at),
+            "processed_at": _iso(event.processed_at), "failed_at": _iso(event.failed_at),
+            "error": event.error, "duplicates": event.duplicates}
+
+
+def _waiting_events(event_ids: list[int]) -> set[int]:
+    """Which of these events have a job queued or running (one query)."""
+    if not event_ids:
+        return set()
+    return set(select(j.event.id for j in Job
+                      if j.event.id in event_ids and j.state in _WAITING))
+
+
+def event_detail(event_id: int) -> dict:
+    event = get_event(event_id)
+    waiting = bool(_waiting_events([event.id]))
+    deliveries = WebhookDelivery.select(lambda d: d.stripe_id == event.stripe_id
+                                        ).order_by(desc(WebhookDelivery.id)).limit(20)
+    return {**event_summary(event, waiting),
+            "jobs": [job_summary(j) for j in
+                     event.jobs.select().order_by(desc(Job.id)).limit(20)],
+            "deliveries": [delivery_summary(d) for d in deliveries]}
+
+
+def replay_event(event_id: int, by: Actor) -> Job:
+    """Queue a recorded event to be applied again (events.replay), audited; Conflict
+    (also audited) while it is still waiting to be applied."""
+    event = get_event(event_id)
+    target = _event_target(event)
+    waiting = event.jobs.select(lambda j: j.state in _WAITING).first()
+    if waiting is not None:
+        raise _refused(by, "replay", target, f"event {event.stripe_id} is already "
+                       f"{waiting.state} as job {waiting.id}")
+    events.replay(event, by.name)
+    flush()
+    job = event.jobs.select(lambda j: j.state == _QUEUED
+                            ).order_by(desc(Job.id)).first()
+    audit(by, "replay", target, f"{event.stripe_id} ({event.type}): job {job.id} queued")
+    return job
+
+
+def delivery_summary(delivery: WebhookDelivery) -> dict:
+    return {"id": delivery.id, "at": _iso(delivery.at), "outcome": delivery.outcome,
+            "stripe_id": delivery.stripe_id, "type": delivery.type,
+            "reason": delivery.reason, "address": delivery.address}
+
+
+def list_webhooks(outcome: str | None = None, q: str | None = None, page: int = 1,
+                  per_page: int = 50) -> dict:
+    """Webhook deliveries, newest first, one page of them with their recorded events:
+    a count and two bounded queries, however many deliveries there are."""
+    query = WebhookDelivery.select()
+    if outcome:
+        query = query.filter(lambda d: d.outcome == outcome)
+    if q and q.strip():
+        needle = q.strip().lower()
+        query = query.filter(lambda d: needle in d.stripe_id.lower() or needle in d.type.lower()
+                             or needle in d.reason.lower())
+    total = query.count()
+    rows = [] if _skip_page(total, page, per_page) else \
+        query.order_by(desc(WebhookDelivery.id)).page(page, per_page)[:]
+    stripe_ids = sorted({d.stripe_id for d in rows if d.stripe_id})
+    # The error is a lazy LongStr: fetched with the rows, not one query per event.
+    recorded = {e.stripe_id: e for e in StripeEvent.select(lambda e: e.stripe_id in stripe_ids
+                                                           ).prefetch(StripeEvent.error)
+                } if stripe_ids else {}
+    waiting = _waiting_events([e.id for e in recorded.values()])
+    items = []
+    for delivery in rows:
+        event = recorded.get(delivery.stripe_id)
+        items.append({**delivery_summary(delivery),
+                      "event": event_summary(event, event.id in waiting) if event else None})
+    return {"total": total, "page": page, "per_page": per_page, "items": items}
+
+
+# -- the audit log -----------------------------------------------------------
+
+def _target_link(target: str | None) -> str | None:
+    kind, _, number = (target or "").partition(":")
+    if not number.isdigit():
+        return None
+    return {"instance": f"/admin/instances/{number}/",
+            "event": f"/admin/events/{number}/"}.get(kind)
+
+
+def audit_summary(entry: AuditEntry) -> dict:
+    return {"id": entry.id, "at": _iso(entry.at), "actor": entry.actor,
+            "action": entry.action, "target": entry.target, "detail": entry.detail,
+            "address": entry.address, "link": _target_link(entry.target)}
+
+
+def list_audit(q: str | None = None, page: int = 1, per_page: int = 50,
+               target: str | None = None) -> dict:
+    """The audit log, newest first; `q` searches actor, action, target and detail;
+    `target` is one store or event exactly ("instance:7", "event:3")."""
+    query = AuditEntry.select()
+    if target:
+        query = query.filter(lambda a: a.target == target)
+    if q and q.strip():
+        needle = q.strip().lower()
+        query = query.filter(lambda a: needle in a.actor.lower() or needle in a.action.lower()
+                             or needle in a.target.lower() or needle in a.detail.lower())
+    total = query.count()
+    rows = [] if _skip_page(total, page, per_page) else \
+        query.order_by(desc(AuditEntry.id)).page(page, per_page)[:]
+    return {"total": total, "page": page, "per_page": per_page,
+            "items": [audit_summary(a) for a in rows]}
 
 
 def list_customers(page: int = 1, per_page: int = 50) -> dict:
@@ -201,7 +448,7 @@ def stats(config: Config, days: int = 30) -> dict:
 
 
 def job_detail(job_id: int) -> dict:
-    job = Job.get(id=job_id)
+    job = Job.get(id=job_id) if _valid_id(job_id) else None
     if job is None:
         raise NotFound(f"no job {job_id}")
     return {**job_summary(job),
@@ -212,7 +459,7 @@ def job_detail(job_id: int) -> dict:
 
 def run_detail(config: Config, run_id: int) -> dict:
     """An ansible run with its per-task events and stdout, secrets redacted."""
-    run = AnsibleRun.get(id=run_id)
+    run = AnsibleRun.get(id=run_id) if _valid_id(run_id) else None
     if run is None:
         raise NotFound(f"no ansible run {run_id}")
     secrets = config.secrets() + [i.admin_password for j in run.jobs

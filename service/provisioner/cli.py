@@ -1,9 +1,11 @@
-"""`provisioner` command line: serve, worker, health, sync, nginx, stats, cleanup, upgrade."""
+"""`provisioner` command line: serve, worker, health, sync, nginx, stats, cleanup, upgrade,
+retry, replay."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -38,8 +40,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = _configure()
     stop, wake = threading.Event(), threading.Event()
-    if not args.no_worker:
-        serve_worker(config, stop, wake)
+    worker = None if args.no_worker else serve_worker(config, stop, wake)
     scheduler.run(config, stop, wake)
     server = make_server(config, create_app(config, wake=wake), args.host, args.port)
     _stop_on_signals(stop)
@@ -49,6 +50,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         server.start()
     finally:
         stop.set()
+        if worker is not None:  # let the current run finish or be cancelled, then exit
+            worker.join(config.stop_grace_seconds + 30)
     return 0
 
 
@@ -178,6 +181,105 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cli_actor():
+    """The audit log's actor for this command: "cli:<unix user>"."""
+    import getpass
+
+    from provisioner import admin
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid
+        user = str(os.getuid())
+    return admin.Actor(f"cli:{user}")
+
+
+def _refused(what: str, exc: Exception) -> int:
+    print(f"provisioner: {what}: {exc}", file=sys.stderr)
+    return 1
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    """Queue a fresh converge of a failed, out-of-step or parked store; the worker (or
+    --wait, here) does the work."""
+    from pony.orm import db_session
+
+    from provisioner import admin
+
+    config = _configure()
+    try:
+        with db_session:
+            store = admin.find_instance(args.store)
+            result = admin.retry_store(config, store.id, _cli_actor())
+    except admin.NotFound as exc:
+        return _refused("retry", exc)
+    except admin.Conflict as exc:
+        return _refused("retry refused", exc)
+    print(f"retry of {result['subdomain']} (store {result['instance_id']}): billing says "
+          f"{result['desired_state']}")
+    for job in result["queued"]:
+        print(f"  queued job {job['id']}: {job['kind']} {job['detail'] or ''}".rstrip())
+    if not result["queued"]:
+        print("  nothing to run until billing says otherwise")
+    if not args.wait:
+        print("the running worker will do it; `provisioner retry --wait` runs it here")
+        return 0
+    return _wait_for_store(config, result["instance_id"], args.timeout)
+
+
+def _wait_for_store(config: Config, instance_id: int, timeout: float) -> int:
+    from pony.orm import db_session
+
+    from provisioner import admin
+    from provisioner.worker import drain
+
+    _progress("running the queued work…")
+    drain(config, timeout=timeout)
+    with db_session:
+        store = admin.get_instance(instance_id)
+        status, message = store.status, store.status_message
+    print(f"store {instance_id} is {status}" + (f": {message}" if message else ""))
+    return 1 if status in admin.RETRY_STATES else 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    """Queue a recorded Stripe event to be applied again."""
+    from pony.orm import db_session
+
+    from provisioner import admin
+
+    config = _configure()
+    try:
+        with db_session:
+            event = admin.find_event(args.event)
+            job = admin.replay_event(event.id, _cli_actor())
+            event_id, label, job_id = event.id, f"{event.stripe_id} ({event.type})", job.id
+    except admin.NotFound as exc:
+        return _refused("replay", exc)
+    except admin.Conflict as exc:
+        return _refused("replay refused", exc)
+    print(f"replay of {label}: queued job {job_id}")
+    if not args.wait:
+        print("the running worker will apply it; `provisioner replay --wait` applies it here")
+        return 0
+    return _wait_for_event(config, event_id, args.timeout)
+
+
+def _wait_for_event(config: Config, event_id: int, timeout: float) -> int:
+    from pony.orm import db_session
+
+    from provisioner import admin
+    from provisioner.worker import drain
+
+    _progress("applying the event…")
+    drain(config, timeout=timeout)
+    with db_session:
+        event = admin.event_detail(event_id)
+    print(f"event {event['stripe_id']} is {event['state']}" +
+          (f": {event['error']}" if event["error"] else ""))
+    return 0 if event["state"] == "processed" else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="provisioner", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -213,6 +315,15 @@ def main(argv: list[str] | None = None) -> int:
     stats = sub.add_parser("stats", help="counts per state, revenue, failures")
     stats.add_argument("--json", action="store_true")
     stats.set_defaults(func=cmd_stats)
+    retry = sub.add_parser("retry", help="retry a failed, out-of-step or needs-attention store")
+    retry.add_argument("store", help="the store's subdomain or id")
+    replay = sub.add_parser("replay", help="apply a recorded Stripe event again")
+    replay.add_argument("event", help="the event's Stripe id (evt_...) or its number")
+    for command, func in ((retry, cmd_retry), (replay, cmd_replay)):
+        command.add_argument("--wait", action="store_true",
+                             help="do the queued work in this process and report the outcome")
+        command.add_argument("--timeout", type=float, default=1800)
+        command.set_defaults(func=func)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -7,9 +7,12 @@ enforce "unique among live instances" in the database itself).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import os
 import secrets
+import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlparse
@@ -29,6 +32,7 @@ from pony.orm import (
 from provisioner.config import Config, ConfigError
 
 db = Database()
+log = logging.getLogger(__name__)
 
 
 def utcnow() -> datetime:
@@ -155,7 +159,7 @@ class AuditEntry(db.Entity):
     at = Required(datetime, default=utcnow, index=True)
     actor = Required(str)  # admin user, "token", or "cli:<unix user>"
     action = Required(str)
-    target = Optional(str, nullable=True)
+    target = Optional(str, nullable=True, index=True)
     detail = Optional(str, nullable=True)
     address = Optional(str, nullable=True)
 
@@ -317,6 +321,20 @@ def database_problem() -> str | None:
     except Exception as exc:  # any failure to read means unhealthy
         return f"database unreadable: {type(exc).__name__}"
     return None
+
+
+def checkpoint_wal() -> None:
+    """Fold SQLite's write-ahead log into the database and empty it: a deleted secret
+    (an emailed password) must not live on in old WAL frames. Best effort: a reader
+    still on an old snapshot only delays it to the next call."""
+    path = _bound_file.get("path")
+    if path is None:
+        return
+    try:
+        with contextlib.closing(sqlite3.connect(path, timeout=5)) as connection:
+            connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    except sqlite3.Error as exc:
+        log.warning("WAL checkpoint failed: %s", exc)
 
 
 def private_dir(path: Path) -> Path:

@@ -26,6 +26,7 @@ from provisioner import (
     lifecycle,
     mailer,
     maintenance,
+    models,
     notifications,
 )
 from provisioner.ansible import operations, recording
@@ -212,6 +213,8 @@ class Worker:
             return
         self._record_durably(lambda: (notifications.sent(outgoing, where),
                                       jobs.complete(Job[job_id])))
+        if outgoing.notice == "welcome":
+            models.checkpoint_wal()  # the password we just deleted, out of the WAL too
 
     def _outgoing(self, job: Job) -> notifications.Outgoing | None:
         notice, _, key = (job.detail or "").partition("|")

@@ -9,6 +9,8 @@ import re
 import signal
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from email import policy
 from pathlib import Path
 
@@ -205,7 +207,7 @@ def test_no_secret_reaches_a_file_a_page_an_api_response_or_a_log(service, brows
         seen["job errors"] = "\n".join(j.last_error or "" for j in Job.select())
     api_paths = ["/api/instances/", f"/api/instances/{store}/", f"/api/instances/{store}/health/",
                  f"/api/instances/{store}/stats/", "/api/customers/", "/api/stats/", "/metrics",
-                 "/api/status/", "/api/openapi.json"]
+                 "/api/status/", "/api/openapi.json", "/api/webhooks/", "/api/audit/"]
     api_paths += [f"/api/runs/{r}/" for r in run_ids] + [f"/api/jobs/{j}/" for j in job_ids]
     for path in api_paths:
         status, body = service.api("GET", path)
@@ -215,7 +217,8 @@ def test_no_secret_reaches_a_file_a_page_an_api_response_or_a_log(service, brows
                                                     "password": ADMIN_PASSWORD})
     page = context.new_page()
     for path in ["/", "/status/", "/admin/", "/admin/instances/", f"/admin/instances/{store}/",
-                 "/admin/customers/", *[f"/admin/runs/{r}/" for r in run_ids]]:
+                 "/admin/customers/", "/admin/webhooks/", "/admin/audit/",
+                 *[f"/admin/runs/{r}/" for r in run_ids]]:
         page.goto(service.url + path)
         seen[f"page {path}"] = page.content()
     context.close()
@@ -236,3 +239,68 @@ def test_no_secret_reaches_a_file_a_page_an_api_response_or_a_log(service, brows
     for where, text in seen.items():
         for name, value in secrets.items():
             assert value not in text, f"{name} leaked into {where}"
+
+
+def test_admin_replays_an_event_from_the_webhooks_page_and_the_audit_log_shows_it(
+        service, browser):
+    """Phone-width webhooks and audit pages in Chromium: search, replay, who did it."""
+    from provisioner.models import AuditEntry, StripeEvent, WebhookDelivery
+
+    evt = stripe_events.event("checkout.session.expired",
+                              {"id": "cs_test_expired_browser", "object": "checkout.session"})
+    service.post_event(evt)
+    unsigned = urllib.request.Request(service.url + "/api/webhook/stripe/", data=b"{}",
+                                      method="POST",
+                                      headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as rejected:
+        urllib.request.urlopen(unsigned, timeout=10)
+    assert rejected.value.code == 400
+
+    def applied():
+        with db_session:
+            event = StripeEvent.get(stripe_id=evt["id"])
+            return event is not None and event.processed_at is not None
+    poll(applied, timeout=60, what="the expired-checkout event to be applied")
+    with db_session:  # until the webhook route records its deliveries itself
+        if not WebhookDelivery.exists(stripe_id=evt["id"]):
+            WebhookDelivery(outcome="accepted", stripe_id=evt["id"], type=evt["type"],
+                            address="127.0.0.1")
+        if not WebhookDelivery.exists(outcome="rejected"):
+            WebhookDelivery(outcome="rejected", reason="missing Stripe-Signature header",
+                            address="127.0.0.1")
+
+    context = browser.new_context(http_credentials={"username": "admin",
+                                                    "password": ADMIN_PASSWORD},
+                                  viewport={"width": 420, "height": 900})
+    page = context.new_page()
+    page.goto(service.url + "/admin/")
+    page.get_by_role("link", name="Webhooks").click()
+    page.wait_for_url("**/admin/webhooks/")
+    assert page.get_by_role("heading", name="Received webhooks").is_visible()
+    assert page.locator("#webhooks .outcome-rejected").count() >= 1
+    assert "missing Stripe-Signature header" in page.locator("#webhooks").inner_text()
+    assert page.evaluate("document.documentElement.scrollWidth") <= 420
+    shot(page, "admin-webhooks")
+    page.get_by_label("search").fill(evt["id"])
+    page.get_by_role("button", name="Search").click()
+    page.wait_for_url(f"**q={evt['id']}**")
+    rows = page.locator("#webhooks tr").filter(has_text=evt["id"])
+    assert rows.count() >= 1 and "processed" in rows.first.inner_text()
+    rows.first.get_by_role("button", name="Replay").click()
+    page.wait_for_url("**/admin/events/*/**")
+    assert "replay queued as job" in page.locator(".flash").inner_text()
+    page.wait_for_selector("#event-state:text('processed')", timeout=60_000)
+    assert page.evaluate("document.documentElement.scrollWidth") <= 420
+    shot(page, "admin-event")
+
+    page.get_by_role("link", name="Audit", exact=True).click()
+    page.wait_for_url("**/admin/audit/")
+    row = page.locator("#audit tr").filter(has_text="replay").first
+    assert "admin" in row.inner_text() and "127.0.0.1" in row.inner_text()
+    assert evt["id"] in row.inner_text()
+    assert page.evaluate("document.documentElement.scrollWidth") <= 420
+    shot(page, "admin-audit")
+    context.close()
+    with db_session:
+        entry = AuditEntry.select(lambda a: a.action == "replay").first()
+        assert (entry.actor, entry.address) == ("admin", "127.0.0.1")

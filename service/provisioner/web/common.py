@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 import secrets
+import sqlite3
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import wraps
 from urllib.parse import urlparse
 
 from bottle import HTTPResponse, request, response
@@ -17,7 +20,18 @@ from pony.orm import db_session
 
 from provisioner import admin, metrics
 from provisioner.config import Config
-from provisioner.web.auth import Throttle, admin_required, deny, rate_limited
+from provisioner.web.auth import (
+    Throttle,
+    WriteQuota,
+    admin_required,
+    client_address,
+    deny,
+    header,
+    rate_limited,
+    same_text,
+)
+
+log = logging.getLogger(__name__)
 
 # Pages: only our own inline code, carrying this response's nonce; JSON: nothing at all.
 PAGE_CSP = ("default-src 'none'; script-src 'nonce-{nonce}'; style-src 'nonce-{nonce}'; "
@@ -26,6 +40,18 @@ PAGE_CSP = ("default-src 'none'; script-src 'nonce-{nonce}'; style-src 'nonce-{n
 API_CSP = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'"
 _PAGES = Environment(loader=PackageLoader("provisioner", "templates"),
                      autoescape=select_autoescape(["html"]))
+
+# The largest body any route takes (a Stripe event is tens of KB; the server refuses more).
+MAX_BODY_BYTES = 512 * 1024
+# Ids are Pony `int` keys (32-bit): a larger one names nothing and must not reach a query.
+MAX_ID = 2**31 - 1
+MAX_PAGE = 1_000_000
+MAX_PER_PAGE = 200
+# What SQLite says when another writer held the database past the busy timeout.
+BUSY_MESSAGES = ("database is locked", "database table is locked", "database is busy")
+FORM_TYPE = "application/x-www-form-urlencoded"
+REJECTED_ROWS_PER_ADDRESS = 10
+REJECTED_ROWS_IN_TOTAL = 120
 
 
 def security_headers(csp: str) -> dict[str, str]:
@@ -46,25 +72,61 @@ def json_response(status: int, body: dict) -> HTTPResponse:
                         headers={"Content-Type": "application/json", "Cache-Control": "no-store"})
 
 
-def json_body() -> dict:
-    try:
-        body = json.loads(request.body.read() or b"{}")
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise json_response(400, {"error": "body must be JSON"}) from None
-    if not isinstance(body, dict):
-        raise json_response(400, {"error": "body must be a JSON object"})
+def request_body() -> bytes:
+    """The request's body, at most MAX_BODY_BYTES (413 beyond: nothing of it is kept)."""
+    if request.content_length > MAX_BODY_BYTES:
+        raise too_large()
+    body = request.body.read(MAX_BODY_BYTES + 1)
+    if len(body) > MAX_BODY_BYTES:
+        raise too_large()
     return body
 
 
-def page_args() -> tuple[int, int]:
+def too_large() -> HTTPResponse:
+    return json_response(413, {"error": f"body larger than {MAX_BODY_BYTES} bytes"})
+
+
+def json_body() -> dict:
+    """The body as a JSON object of text a database and an email can hold (400 if not)."""
     try:
-        page = int(request.query.get("page") or 1)
-        per_page = int(request.query.get("per_page") or 50)
-    except ValueError:
-        raise json_response(400, {"error": "page and per_page must be integers"}) from None
-    if page < 1 or not 1 <= per_page <= 200:
-        raise json_response(400, {"error": "page >= 1 and 1 <= per_page <= 200"})
-    return page, per_page
+        body = json.loads(request_body() or b"{}")
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise json_response(400, {"error": "body must be JSON"}) from None
+    except ValueError:  # an integer past Python's digit limit
+        raise json_response(400, {"error": "body must be JSON: a number is too long"}) from None
+    except RecursionError:
+        raise json_response(400, {"error": "body must be JSON: nested too deeply"}) from None
+    if not isinstance(body, dict):
+        raise json_response(400, {"error": "body must be a JSON object"})
+    if not _encodable(body):
+        raise json_response(400, {"error": "body must be JSON of valid Unicode text "
+                                           "(no lone surrogate escapes)"})
+    return body
+
+
+def _encodable(value) -> bool:
+    """No lone surrogate (a JSON escape like \\ud800) anywhere: UTF-8 cannot hold one."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def query_int(name: str, default: int, low: int, high: int) -> int:
+    """A whole-number query parameter in [low, high] (400 with the range if not)."""
+    text = request.query.get(name) or ""
+    if not text:
+        return default
+    if not (text.isascii() and text.isdigit() and len(text) <= 19 and low <= int(text) <= high):
+        raise json_response(400, {"error": f"{name} must be from {low} to {high} "
+                                           "(integers only)"})
+    return int(text)
+
+
+def page_args() -> tuple[int, int]:
+    return (query_int("page", 1, 1, MAX_PAGE),
+            query_int("per_page", 50, 1, MAX_PER_PAGE))
 
 
 def render(template: str, **context) -> str:
@@ -80,7 +142,10 @@ def same_origin(origin: str | None, host: str | None, public_url: str) -> bool:
     """Is a browser's Origin (or Referer) this service, by the Host it asked or our URL?"""
     if not origin:
         return True  # not a browser's cross-site request: browsers send Origin on POSTs
-    netloc = urlparse(origin).netloc
+    try:
+        netloc = urlparse(origin).netloc
+    except ValueError:  # e.g. an unclosed IPv6 bracket: no origin of ours
+        return False
     return bool(netloc) and netloc in {host, urlparse(public_url).netloc}
 
 
@@ -115,6 +180,10 @@ class Web:
     throttle: Throttle = field(default_factory=Throttle)
     webhook_metrics: metrics.WebhookMetrics = field(default_factory=metrics.WebhookMetrics)
     csrf_key: bytes = field(default_factory=lambda: secrets.token_bytes(32))
+    # Rejected webhooks written down per minute: enough to see what is wrong, too few to
+    # fill a disk; the rest are only counted (provisioner_webhooks_total).
+    rejected_deliveries: WriteQuota = field(
+        default_factory=lambda: WriteQuota(REJECTED_ROWS_PER_ADDRESS, REJECTED_ROWS_IN_TOTAL))
 
     def __post_init__(self) -> None:
         self.admin_api = admin_required(self.config, self.throttle)
@@ -127,21 +196,32 @@ class Web:
             self.on_event_recorded()
 
     def queue_action(self, instance_id: int, action: str, *, page: bool = False) -> int:
-        """Queue an admin action; its job id (404 if unknown; admin.Conflict if refused)."""
+        """Queue an admin action, audited; its job id (404 if unknown; admin.Conflict if
+        refused)."""
         with db_session:
-            job_id = or_404(admin.queue_action, instance_id, action, page=page).id
+            job_id = or_404(admin.queue_action, instance_id, action, self.actor(),
+                            page=page).id
         self.notify_worker()
         return job_id
+
+    def actor(self) -> admin.Actor:
+        """Who is acting, for the audit log (the route has checked the credentials): the
+        admin user for Basic auth, "token" for the bearer token; from which address."""
+        scheme = request.get_header("Authorization", "").partition(" ")[0].lower()
+        return admin.Actor("token" if scheme == "bearer" else self.config.admin_user,
+                           client_address(self.config))
 
     def csrf_token(self) -> str:
         return hmac.new(self.csrf_key, self.config.admin_user.encode(), "sha256").hexdigest()
 
     def check_csrf(self) -> None:
-        token = request.forms.get("csrf", "")
-        if not hmac.compare_digest(token, self.csrf_token()):
+        """Page POSTs: our own forms only (URL-encoded, with this app's token, same origin)."""
+        if request.content_type.split(";")[0].strip().lower() != FORM_TYPE:
+            raise HTTPResponse(status=415, body=f"send the form as {FORM_TYPE}")
+        if not same_text(request.forms.get("csrf", ""), self.csrf_token()):
             raise HTTPResponse(status=403, body="bad or missing CSRF token")
-        origin = request.get_header("Origin") or request.get_header("Referer")
-        if not same_origin(origin, request.get_header("Host"), self.config.public_url):
+        origin = header("Origin") or header("Referer")
+        if not same_origin(origin, header("Host"), self.config.public_url):
             raise HTTPResponse(status=403, body="cross-site request refused")
 
     def check_api_post(self) -> None:
@@ -151,14 +231,17 @@ class Web:
         a browser would resend cached Basic credentials with it."""
         if request.content_type.split(";")[0].strip().lower() != "application/json":
             raise deny(415, "send the request as Content-Type: application/json", True)
-        if not same_origin(request.get_header("Origin"), request.get_header("Host"),
+        if not same_origin(header("Origin"), header("Host"),
                            self.config.public_url):
             raise deny(403, "cross-site request refused", True)
 
     def bind(self, route: Route) -> Callable:
-        """The Bottle callback for a route: its function with this app's parts and checks."""
+        """The Bottle callback for a route: its function with this app's parts and checks,
+        ids checked before any lookup, and no exception left to answer for itself."""
+        as_json = route.auth != "page"
 
         def callback(**url_args):
+            check_ids(url_args, as_json)
             return route.handler(self, **url_args, **route.fixed)
 
         callback.__name__ = route.handler.__name__
@@ -169,4 +252,57 @@ class Web:
             callback = self.admin_api(callback)
         elif route.auth == "page":
             callback = self.admin_page(callback)
-        return callback
+        return self.answering_failures(callback, as_json)
+
+    def answering_failures(self, callback: Callable, as_json: bool) -> Callable:
+        """The one catch-all: a busy database is a 503 to retry, anything else unexpected a
+        logged 500 that says nothing of the code."""
+
+        @wraps(callback)
+        def answered(**url_args):
+            try:
+                return callback(**url_args)
+            except HTTPResponse:
+                raise  # an answer (Bottle's redirects and errors are exceptions too)
+            except Exception as exc:
+                if database_busy(exc):
+                    log.warning("%s %s: database busy", request.method, request.path)
+                    return busy_response(self.config, as_json)
+                log.exception("unexpected error answering %s %s", request.method, request.path)
+                return deny(500, "internal error (logged)", as_json)
+
+        return answered
+
+
+def check_ids(url_args: dict, as_json: bool) -> None:
+    """Ids in the path beyond what the database can hold name nothing: 404, not a crash."""
+    for name, value in url_args.items():
+        if isinstance(value, int) and not 1 <= value <= MAX_ID:
+            raise deny(404, f"no such {name.removesuffix('_id')}: ids are whole numbers "
+                            f"from 1 to {MAX_ID}", as_json)
+
+
+def database_busy(exc: BaseException) -> bool:
+    """Did this fail because another writer held the database past the busy timeout?"""
+    seen: set[int] = set()
+    pending = [exc]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, sqlite3.OperationalError) and \
+                any(message in str(current) for message in BUSY_MESSAGES):
+            return True
+        pending += [current.__cause__, current.__context__]
+        # Pony's CommitException keeps the failures of its commit as exc_info tuples.
+        pending += [info[1] for info in getattr(current, "exceptions", None) or ()
+                    if isinstance(info, tuple) and len(info) == 3]
+    return False
+
+
+def busy_response(config: Config, as_json: bool = True) -> HTTPResponse:
+    """503 with when to come back: nothing was done, the same request can simply be sent
+    again (Stripe does so for webhooks)."""
+    return deny(503, "database busy; nothing was changed, try again shortly", as_json,
+                {"Retry-After": str(config.db_busy_timeout_seconds), "Cache-Control": "no-store"})

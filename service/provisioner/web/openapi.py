@@ -36,6 +36,18 @@ def _action(name: str) -> dict:
                          "queued"), **_errors(401, 403, 404, 409, 415)}}}
 
 
+def _admin_post(summary: str, answer: dict) -> dict:
+    return {"post": {"summary": summary, "security": [{"basic": []}, {"bearer": []}],
+                     "requestBody": {"required": True, "content": {"application/json": {
+                         "schema": {"type": "object"}}}},
+                     "responses": {"202": _json({"type": "object", "properties": answer},
+                                                "queued"), **_errors(401, 403, 404, 409, 415)},
+                     "parameters": [*ID]}}
+
+
+JOB_QUEUED = {"job_id": {"type": "integer"}, "status_url": {"type": "string"}}
+
+
 def _query(name: str, schema: dict, description: str) -> dict:
     return {"name": name, "in": "query", "required": False, "schema": schema,
             "description": description}
@@ -94,6 +106,13 @@ def document() -> dict:
             "/api/instances/{id}/start/": {**_action("start"), "parameters": instance_id},
             "/api/instances/{id}/stop/": {**_action("stop"), "parameters": instance_id},
             "/api/instances/{id}/restart/": {**_action("restart"), "parameters": instance_id},
+            "/api/instances/{id}/retry/": _admin_post(
+                "Retry a failed, out-of-step or needs-attention store: a fresh converge "
+                "towards what billing says (409 with the reason when it cannot be retried).",
+                {"job_id": {"type": "integer", "nullable": True},
+                 "status_url": {"type": "string", "nullable": True},
+                 "status": {"type": "string"}, "desired_state": {"type": "string"},
+                 "queued": {"type": "array", "items": {"type": "object"}}}),
             "/api/instances/{id}/health/": _admin_get(
                 "Live check: container state and HTTP /health/.", with_id=True,
                 params=instance_id),
@@ -106,5 +125,22 @@ def document() -> dict:
                                           params=instance_id),
             "/api/runs/{id}/": _admin_get("An ansible run: per-task events and stdout.",
                                           with_id=True, params=instance_id),
+            "/api/webhooks/": _admin_get("Webhook deliveries, newest first, with their events.",
+                                         params=[
+                _query("outcome", {"type": "string",
+                                   "enum": ["accepted", "duplicate", "rejected", "busy"]},
+                       "only deliveries with this outcome"),
+                _query("q", {"type": "string"}, "search event id, type and reason"),
+                *PAGING]),
+            "/api/events/{id}/": _admin_get("A recorded Stripe event (no payload), its jobs "
+                                            "and deliveries.", with_id=True, params=instance_id),
+            "/api/events/{id}/replay/": _admin_post(
+                "Apply a recorded Stripe event again (409 while it is still queued).",
+                JOB_QUEUED),
+            "/api/audit/": _admin_get("The audit log: who did which admin action, newest first.",
+                                      params=[
+                _query("q", {"type": "string"}, "search actor, action, target and detail"),
+                _query("target", {"type": "string"}, "one target exactly: instance:<id> "
+                       "or event:<id>"), *PAGING]),
         },
     }
