@@ -10,11 +10,11 @@ import json
 import threading
 from collections.abc import Callable
 
-from bottle import Bottle, response
+from bottle import BaseRequest, Bottle, response
 
 from provisioner.config import Config
 from provisioner.web import admin_api, admin_pages, public
-from provisioner.web.common import Web, add_security_headers
+from provisioner.web.common import MAX_BODY_BYTES, Web, add_security_headers
 
 
 def _json_error(error) -> str:
@@ -25,6 +25,9 @@ def _json_error(error) -> str:
 def create_app(config: Config, wake: threading.Event | None = None,
                on_event_recorded: Callable[[], None] | None = None) -> Bottle:
     """The app for this config; `wake` is set when new work is queued."""
+    # Any body we accept stays in memory: Bottle would spill those over 100 KB to a
+    # temporary file (a full /tmp then fails a webhook).
+    BaseRequest.MEMFILE_MAX = MAX_BODY_BYTES
     app = Bottle()
     web = Web(config, wake=wake, on_event_recorded=on_event_recorded)
     for group in (public, admin_api, admin_pages):

@@ -89,6 +89,20 @@ class SlidingWindow:
         return wait
 
 
+class WriteQuota:
+    """How many rows an untrusted caller may make us write: at most `per_address` a
+    minute from one client and `in_total` a minute from all (the caller only counts the
+    rest), so a flood cannot fill the disk."""
+
+    def __init__(self, per_address: int, in_total: int):
+        self.per_address = SlidingWindow(per_address, 60)
+        self.in_total = SlidingWindow(in_total, 60)
+
+    def take(self, address: str) -> bool:
+        """May this client's row be written now? (Counts it if so.)"""
+        return not self.per_address.take(address) and not self.in_total.take("*")
+
+
 class Throttle:
     """Failed logins per (address, user) and per address."""
 
@@ -151,13 +165,21 @@ def client_address(config: Config, environ: dict | None = None) -> str:
     return _client_key(peer, raw_peer)
 
 
-def _same(a: str, b: str) -> bool:
-    return hmac.compare_digest(a.encode("utf-8"), b.encode("utf-8"))
+def header(name: str, default: str = "") -> str:
+    """A request header as the server handed it (PEP 3333's Latin-1 text). Bottle's own
+    `get_header` decodes it again as UTF-8 and raises on other bytes."""
+    return request.environ.get("HTTP_" + name.upper().replace("-", "_"), default)
 
 
-def claimed_user(header: str) -> str:
+def same_text(a: str, b: str) -> bool:
+    """Constant-time equality of any two texts (a header's Latin-1 or a form's lone
+    surrogate is simply unequal, never an error)."""
+    return hmac.compare_digest(a.encode("utf-8", "replace"), b.encode("utf-8", "replace"))
+
+
+def claimed_user(authorization: str) -> str:
     """Who the Authorization header says it is (for throttling, not trust)."""
-    scheme, _, value = header.partition(" ")
+    scheme, _, value = authorization.partition(" ")
     if scheme.lower() == "bearer":
         return "(token)"
     if scheme.lower() == "basic":
@@ -168,20 +190,20 @@ def claimed_user(header: str) -> str:
     return "(none)"
 
 
-def credentials_ok(config: Config, header: str) -> bool:
+def credentials_ok(config: Config, authorization: str) -> bool:
     """Does this Authorization header name the admin?"""
     if not config.admin_password and not config.admin_token:
         return False
-    scheme, _, value = header.partition(" ")
+    scheme, _, value = authorization.partition(" ")
     if scheme.lower() == "bearer" and config.admin_token:
-        return _same(value.strip(), config.admin_token)
+        return same_text(value.strip(), config.admin_token)
     if scheme.lower() == "basic" and config.admin_password:
         try:
             user, _, password = base64.b64decode(value.strip()).decode("utf-8").partition(":")
         except (ValueError, UnicodeDecodeError):
             return False
         # Both compared, always, so timing says nothing about which was wrong.
-        return _same(user, config.admin_user) & _same(password, config.admin_password)
+        return same_text(user, config.admin_user) & same_text(password, config.admin_password)
     return False
 
 
@@ -191,13 +213,13 @@ def admin_required(config: Config, throttle: Throttle, *, json_errors: bool = Tr
     def decorator(route: Callable) -> Callable:
         @wraps(route)
         def wrapper(*args, **kwargs):
-            header = request.get_header("Authorization", "")
-            client, user = client_address(config), claimed_user(header)
+            authorization = header("Authorization")
+            client, user = client_address(config), claimed_user(authorization)
             wait = throttle.retry_after(client, user)
             if wait:
                 return deny(429, "too many failed logins; try again later", json_errors,
                             {"Retry-After": str(wait)})
-            if not credentials_ok(config, header):
+            if not credentials_ok(config, authorization):
                 throttle.failed(client, user)
                 return deny(401, "admin credentials required", json_errors,
                             {"WWW-Authenticate": 'Basic realm="eBuilder provisioner"'})

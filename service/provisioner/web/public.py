@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import time
 
-from bottle import request
 from pony.orm import db_session
+from pony.orm.core import OrmError
+from pony.orm.dbapiprovider import DBException
 
 from provisioner import admin, intake, models, subdomains
 from provisioner.checkout import (
@@ -15,24 +16,43 @@ from provisioner.checkout import (
     validate_email,
     validate_site_name,
 )
-from provisioner.web.common import Route, Web, json_body, json_response, render
+from provisioner.web.auth import client_address, header
+from provisioner.web.common import (
+    Route,
+    Web,
+    busy_response,
+    database_busy,
+    json_body,
+    json_response,
+    render,
+    request_body,
+)
 from provisioner.web.openapi import document as openapi_document
 
 log = logging.getLogger(__name__)
 
 
 def stripe_webhook(web: Web):
+    """Verify, record, acknowledge; every delivery written down (a flood of rejections
+    only up to its quota), a busy database answered 503 so Stripe sends it again."""
     started = time.perf_counter()
-    payload = request.body.read()
+    address = client_address(web.config)
+    payload = request_body()
     try:
-        event = intake.verify(payload, request.get_header("Stripe-Signature"),
+        event = intake.verify(payload, header("Stripe-Signature"),
                               web.config.stripe_webhook_secret,
                               web.config.stripe_webhook_tolerance)
     except intake.RejectedEvent as exc:
-        log.warning("rejected webhook: %s", exc)
-        web.webhook_metrics.observe("rejected", time.perf_counter() - started)
-        return json_response(400, {"error": str(exc)})
-    recorded = intake.record(event, payload)
+        return _rejected(web, str(exc), address, started)
+    try:
+        recorded = intake.record(event, payload, address)
+    except (OrmError, DBException) as exc:
+        if not database_busy(exc):
+            raise
+        web.webhook_metrics.observe("busy", time.perf_counter() - started)
+        log.warning("webhook %s %s not recorded: database busy; answered 503 for a retry",
+                    event["type"], event["id"])
+        return busy_response(web.config)
     if not recorded.duplicate:
         web.notify_worker()
     elapsed = time.perf_counter() - started
@@ -40,6 +60,24 @@ def stripe_webhook(web: Web):
     log.info("webhook %s %s%s in %.1f ms", recorded.type, recorded.stripe_id,
              " (duplicate)" if recorded.duplicate else "", elapsed * 1000)
     return json_response(200, {"received": True, "duplicate": recorded.duplicate})
+
+
+def _rejected(web: Web, reason: str, address: str, started: float):
+    """400 with the reason; a row and a log line only within the quota, so a flood can
+    fill neither the database nor the log."""
+    if web.rejected_deliveries.take(address):
+        log.warning("rejected webhook from %s: %s", address, reason)
+        try:
+            intake.record_rejection(reason, address)
+        except (OrmError, DBException) as exc:
+            if not database_busy(exc):
+                raise
+            log.warning("rejected webhook from %s not written down: database busy", address)
+        result = "rejected"
+    else:
+        result = "rejected_unrecorded"
+    web.webhook_metrics.observe(result, time.perf_counter() - started)
+    return json_response(400, {"error": reason})
 
 
 def check_subdomain(web: Web):
