@@ -358,6 +358,8 @@ def _sqlite_pragmas(database, connection) -> None:
     cursor.execute("PRAGMA secure_delete = ON")
     # Readers never block the writer (a page or a report never holds up a webhook).
     cursor.execute("PRAGMA journal_mode = WAL")
+    # One connection per server thread: keep each page cache small (512 KiB).
+    cursor.execute("PRAGMA cache_size = -512")
 
 
 def installation_id(config: Config) -> str:

@@ -207,7 +207,7 @@ class Web:
     def actor(self) -> admin.Actor:
         """Who is acting, for the audit log (the route has checked the credentials): the
         admin user for Basic auth, "token" for the bearer token; from which address."""
-        scheme = request.get_header("Authorization", "").partition(" ")[0].lower()
+        scheme = header("Authorization").partition(" ")[0].lower()
         return admin.Actor("token" if scheme == "bearer" else self.config.admin_user,
                            client_address(self.config))
 

@@ -12,7 +12,9 @@ def _json(schema: dict, description: str) -> dict:
 def _errors(*codes: int) -> dict:
     text = {400: "bad input", 401: "admin credentials required", 403: "cross-site request",
             404: "unknown id", 409: "conflict", 415: "body is not application/json",
-            429: "too many requests", 503: "not configured"}
+            413: "body too large", 429: "too many requests",
+            503: "unavailable (not configured, or the database is busy: retry after "
+                 "Retry-After)"}
     return {str(c): _json(ERROR, text[c]) for c in codes}
 
 
@@ -91,9 +93,11 @@ def document() -> dict:
             "/api/webhook/stripe/": {"post": {
                 "summary": "Stripe webhook (verified with the Stripe-Signature header).",
                 "responses": {"200": _json({"type": "object"}, "recorded (or a duplicate)"),
-                              **_errors(400)}}},
-            "/api/health/": {"get": {"summary": "The service is up.",
-                                     "responses": {"200": _json({"type": "object"}, "up")}}},
+                              **_errors(400, 413, 503)}}},
+            "/api/health/": {"get": {
+                "summary": "The service is up and its database usable.",
+                "responses": {"200": _json({"type": "object"}, "up"),
+                              **_errors(503)}}},
             "/api/status/": {"get": {"summary": "Public status: queue depth, stores running.",
                                      "responses": {"200": _json({"type": "object"}, "OK")}}},
             "/api/openapi.json": {"get": {"summary": "This document.",
