@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from pony.orm import db_session, flush
+from pony.orm import db_session, flush, select
 
 from provisioner import docker_facts, docker_hosts, jobs, lifecycle
 from provisioner.ansible import operations
@@ -209,9 +209,12 @@ def regenerate_vhosts(config: Config, progress: Progress = _quiet) -> Report:
     with db_session:
         stores = [with_target(config, i) for i in Instance.select(
             lambda i: i.live and i.provisioned_at is not None).order_by(Instance.id)]
+        # A store in its first provisioning has no vhost to render yet, nor to lose.
+        keep = list(select(i.subdomain for i in Instance if i.live))
     if stores:
         progress(f"rendering {len(stores)} vhost(s) in one playbook run…")
-        result = operations.run(config, Operation.NGINX, stores)
+        result = operations.run(config, Operation.NGINX, stores,
+                                extra_vars={"nginx_site_prune_keep": keep})
         report.counts["vhosts"] = len(stores)
         report.counts["changed"] = sum(1 for h in result.hosts.values() if h.changed)
         if result.status != "successful":

@@ -139,7 +139,7 @@ def test_stores_spread_over_both_engines_and_actions_hit_the_right_one(service,
 
     with db_session:
         target_id = Instance.get(subdomain=target, live=True).id
-        admin.queue_action(target_id, "stop")
+        admin.queue_action(target_id, "stop", admin.Actor("test"))
     drain(two_host_config, names)
     assert f"ebuilder_{target}" not in running_on(SOCKET)
     assert running_on("unix:///var/run/docker.sock") == on_a
@@ -147,6 +147,6 @@ def test_stores_spread_over_both_engines_and_actions_hit_the_right_one(service,
         health = docker_facts.live_health(two_host_config, Instance[target_id])
     assert health["container"]["exists"] and not health["container"]["running"]
     with db_session:
-        admin.queue_action(target_id, "start")
+        admin.queue_action(target_id, "start", admin.Actor("test"))
     drain(two_host_config, names)
     assert f"ebuilder_{target}" in running_on(SOCKET)

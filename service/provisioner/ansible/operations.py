@@ -34,7 +34,8 @@ BACKEND = run_playbook
 
 def run(config: Config, operation: Operation, stores: Iterable[StoreVars], *,
         secrets: dict | None = None, jobs: dict[str, int] | None = None,
-        redact: Iterable[str] = (), cancel: Callable[[], bool] | None = None) -> RunResult:
+        redact: Iterable[str] = (), cancel: Callable[[], bool] | None = None,
+        extra_vars: dict | None = None) -> RunResult:
     """Run one operation over `stores` in one ansible run, recorded.
 
     `secrets` maps a store name to its first-boot password; `jobs` maps a store
@@ -43,4 +44,4 @@ def run(config: Config, operation: Operation, stores: Iterable[StoreVars], *,
     return recording.recorded_run(config, PLAYBOOKS[Operation(operation)],
                                   [store.as_dict() for store in stores], secrets,
                                   runner=BACKEND, jobs=jobs or {}, redact_values=list(redact),
-                                  cancel=cancel)
+                                  cancel=cancel, extra_vars=extra_vars)

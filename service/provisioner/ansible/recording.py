@@ -38,7 +38,7 @@ def _instance_id(store: dict) -> int | None:
 
 def recorded_run(config: Config, playbook: str, stores: list[dict], secrets: dict | None,
                  *, runner, jobs: dict[str, int], redact_values: list[str],
-                 cancel=None) -> RunResult:
+                 cancel=None, extra_vars: dict | None = None) -> RunResult:
     """Run a playbook for `stores`: the AnsibleRun row, live task events, the outcome.
 
     Each database write is its own short transaction: none spans the run."""
@@ -62,7 +62,8 @@ def recorded_run(config: Config, playbook: str, stores: list[dict], secrets: dic
     sink = _EventSink(run_id, hosts, values)
     try:
         result = runner(config, playbook, stores, secrets, on_event=sink, ident=ident,
-                        **({"cancel": cancel} if cancel is not None else {}))
+                        **({"cancel": cancel} if cancel is not None else {}),
+                        **({"extra_vars": extra_vars} if extra_vars else {}))
     except BaseException:  # KeyboardInterrupt and SystemExit too: never left `running`
         with db_session:
             AnsibleRun[run_id].status = "error"
