@@ -230,8 +230,9 @@ class Worker:
                                      detail=redact(detail, self._secrets_of([instance])))
 
     def _record_durably(self, work: Callable[[], object]) -> None:
-        """Record what already happened outside (an email sent): keep trying while the
-        database is busy, so the job is never run, and the email never sent, twice."""
+        """Record what already happened outside (an email sent, a run ended): keep trying
+        while the database is busy or full, so the job is never run, and the email never
+        sent, twice, and never held for its whole lease."""
         deadline = time.monotonic() + RECORD_PATIENCE_SECONDS
         delay = 0.2
         while True:
@@ -243,7 +244,7 @@ class Worker:
                 if time.monotonic() > deadline:
                     log.exception("could not record a finished job; it may run again")
                     return
-                log.warning("database busy while recording a sent email; trying again")
+                log.warning("database unwritable while recording a finished job; trying again")
                 time.sleep(delay)
                 delay = min(delay * 2, 5)
 
@@ -325,29 +326,38 @@ class Worker:
 
     def _fail(self, job_id: int, error: str, alert: bool = False) -> None:
         """Record a failure: retried with backoff, visible on the job and its store; the
-        admin hears of a run that timed out and of a store whose retries ran out."""
-        with db_session:
-            job = Job[job_id]
-            instance = job.instance
-            error = redact(error, self._secrets_of([instance] if instance else []))
-            email = job.kind == JobKind.NOTIFY
-            retrying = jobs.fail(
-                job, error, base_seconds=self.config.job_retry_base_seconds,
-                max_attempts=None if email else self.config.job_max_attempts,
-                cap=EMAIL_BACKOFF_CAP if email else jobs.BACKOFF_CAP,
-                floor=EMAIL_BACKOFF_FLOOR if email else timedelta(0))
-            if job.event is not None:
-                job.event.error = error
-                job.event.failed_at = None if retrying else utcnow()
-            if job.kind == JobKind.CONVERGE and retrying and instance is not None:
-                docker_hosts.move_if_port_taken(self.config, instance, error)
-            if job.kind in (JobKind.CONVERGE, JobKind.DESTROY) and instance is not None:
-                lifecycle.failed(instance, error, retrying)
-                if alert or not retrying:
-                    lifecycle.notify(instance, "admin_job_failed", key=f"job-{job_id}")
-            if email and (job.detail or "").startswith("welcome|"):
-                self._welcome_overdue(instance)
-        log.warning("job %s failed (%s): %s", job_id, "retrying" if retrying else "gave up", error)
+        admin hears of a run that timed out and of a store whose retries ran out.
+        Written however long the database stays unwritable (a full disk): a failure
+        left unrecorded would hold its job for the whole lease."""
+        outcome: dict[str, object] = {}
+        self._record_durably(lambda: outcome.update(self._record_failure(job_id, error, alert)))
+        log.warning("job %s failed (%s): %s", job_id,
+                    "retrying" if outcome.get("retrying") else "gave up",
+                    outcome.get("error", "(not recorded)"))
+
+    def _record_failure(self, job_id: int, error: str, alert: bool) -> dict[str, object]:
+        """The failure's records (needs a db_session): will it retry, the shown error."""
+        job = Job[job_id]
+        instance = job.instance
+        error = redact(error, self._secrets_of([instance] if instance else []))
+        email = job.kind == JobKind.NOTIFY
+        retrying = jobs.fail(
+            job, error, base_seconds=self.config.job_retry_base_seconds,
+            max_attempts=None if email else self.config.job_max_attempts,
+            cap=EMAIL_BACKOFF_CAP if email else jobs.BACKOFF_CAP,
+            floor=EMAIL_BACKOFF_FLOOR if email else timedelta(0))
+        if job.event is not None:
+            job.event.error = error
+            job.event.failed_at = None if retrying else utcnow()
+        if job.kind == JobKind.CONVERGE and retrying and instance is not None:
+            docker_hosts.move_if_port_taken(self.config, instance, error)
+        if job.kind in (JobKind.CONVERGE, JobKind.DESTROY) and instance is not None:
+            lifecycle.failed(instance, error, retrying)
+            if alert or not retrying:
+                lifecycle.notify(instance, "admin_job_failed", key=f"job-{job_id}")
+        if email and (job.detail or "").startswith("welcome|"):
+            self._welcome_overdue(instance)
+        return {"retrying": retrying, "error": error}
 
     def _welcome_overdue(self, instance: Instance) -> None:
         """A store that runs without its customer having their login: tell the admin once."""

@@ -48,7 +48,9 @@ MAX_ID = 2**31 - 1
 MAX_PAGE = 1_000_000
 MAX_PER_PAGE = 200
 # What SQLite says when another writer held the database past the busy timeout.
-BUSY_MESSAGES = ("database is locked", "database table is locked", "database is busy")
+# The database cannot take a write now; the client should come back (503, Retry-After).
+BUSY_MESSAGES = ("database is locked", "database table is locked", "database is busy",
+                 "database or disk is full")
 FORM_TYPE = "application/x-www-form-urlencoded"
 REJECTED_ROWS_PER_ADDRESS = 10
 REJECTED_ROWS_IN_TOTAL = 120
