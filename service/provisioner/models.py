@@ -337,6 +337,32 @@ def checkpoint_wal() -> None:
         log.warning("WAL checkpoint failed: %s", exc)
 
 
+# The database cannot take a write now, but will later: a webhook answers 503 with
+# Retry-After, the worker keeps trying to record what already happened.
+BUSY_MESSAGES = ("database is locked", "database table is locked", "database is busy",
+                 "database or disk is full")
+
+
+def database_busy(exc: BaseException) -> bool:
+    """Did this fail because another writer held the database past the busy timeout?"""
+    seen: set[int] = set()
+    pending = [exc]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, sqlite3.OperationalError) and \
+                any(message in str(current) for message in BUSY_MESSAGES):
+            return True
+        pending += [current.__cause__, current.__context__]
+        # Pony's CommitException keeps the failures of its commit as exc_info tuples.
+        pending += [info[1] for info in getattr(current, "exceptions", None) or ()
+                    if isinstance(info, tuple) and len(info) == 3]
+    return False
+
+
+
 def private_dir(path: Path) -> Path:
     """A directory only the service's user can enter (made 0700, tightened if older)."""
     path.mkdir(parents=True, mode=0o700, exist_ok=True)

@@ -240,7 +240,9 @@ class Worker:
                 with db_session:
                     work()
                 return
-            except Exception:
+            except Exception as exc:
+                if not models.database_busy(exc):
+                    raise  # not the database being busy or full: retrying cannot help
                 if time.monotonic() > deadline:
                     log.exception("could not record a finished job; it may run again")
                     return

@@ -7,7 +7,6 @@ import hmac
 import json
 import logging
 import secrets
-import sqlite3
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from pony.orm import db_session
 
 from provisioner import admin, metrics
 from provisioner.config import Config
+from provisioner.models import database_busy
 from provisioner.web.auth import (
     Throttle,
     WriteQuota,
@@ -48,9 +48,6 @@ MAX_ID = 2**31 - 1
 MAX_PAGE = 1_000_000
 MAX_PER_PAGE = 200
 # What SQLite says when another writer held the database past the busy timeout.
-# The database cannot take a write now; the client should come back (503, Retry-After).
-BUSY_MESSAGES = ("database is locked", "database table is locked", "database is busy",
-                 "database or disk is full")
 FORM_TYPE = "application/x-www-form-urlencoded"
 REJECTED_ROWS_PER_ADDRESS = 10
 REJECTED_ROWS_IN_TOTAL = 120
@@ -282,25 +279,6 @@ def check_ids(url_args: dict, as_json: bool) -> None:
         if isinstance(value, int) and not 1 <= value <= MAX_ID:
             raise deny(404, f"no such {name.removesuffix('_id')}: ids are whole numbers "
                             f"from 1 to {MAX_ID}", as_json)
-
-
-def database_busy(exc: BaseException) -> bool:
-    """Did this fail because another writer held the database past the busy timeout?"""
-    seen: set[int] = set()
-    pending = [exc]
-    while pending:
-        current = pending.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        if isinstance(current, sqlite3.OperationalError) and \
-                any(message in str(current) for message in BUSY_MESSAGES):
-            return True
-        pending += [current.__cause__, current.__context__]
-        # Pony's CommitException keeps the failures of its commit as exc_info tuples.
-        pending += [info[1] for info in getattr(current, "exceptions", None) or ()
-                    if isinstance(info, tuple) and len(info) == 3]
-    return False
 
 
 def busy_response(config: Config, as_json: bool = True) -> HTTPResponse:
