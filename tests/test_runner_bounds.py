@@ -22,6 +22,7 @@ from pony.orm import db_session
 from provisioner.ansible import recording
 from provisioner.ansible.runner import run_playbook
 from provisioner.models import AnsibleRun
+from provisioner.testing.faults import live_processes
 
 NAP_PLAYBOOK = """\
 - name: Register the stores
@@ -52,26 +53,12 @@ def project(ansible_project, nap_seconds):
     return ansible_project
 
 
-def _live_processes(*needles: bytes) -> list[int]:
-    """Live (not zombie) processes whose command line holds every needle."""
-    found = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            cmdline = (proc / "cmdline").read_bytes()
-            state = (proc / "stat").read_text().rpartition(")")[2].split()[0]
-        except (OSError, IndexError):
-            continue
-        if state != "Z" and all(needle in cmdline for needle in needles):
-            found.append(int(proc.name))
-    return found
-
-
 def _leftovers(ident: str, nap_seconds: int, deadline: float = 15) -> list[int]:
     """What is still alive of the run once `deadline` seconds have passed (or nothing)."""
     give_up = time.monotonic() + deadline
     while True:
-        left = _live_processes(b"ansible-playbook", ident.encode()) + \
-            _live_processes(b"sleep\0" + str(nap_seconds).encode())
+        left = live_processes(b"ansible-playbook", ident.encode()) + \
+            live_processes(b"sleep\0" + str(nap_seconds).encode())
         if not left or time.monotonic() > give_up:
             return left
         time.sleep(0.1)
@@ -176,7 +163,7 @@ def _napping_run(process: subprocess.Popen, nap_seconds: int) -> tuple[int, str,
         with db_session:
             run = AnsibleRun.select().first()
             row = (run.id, run.ident, run.pid) if run is not None and run.pid else None
-        if row and _live_processes(b"sleep\0" + str(nap_seconds).encode()):
+        if row and live_processes(b"sleep\0" + str(nap_seconds).encode()):
             return row
         time.sleep(0.1)
 
@@ -190,12 +177,12 @@ def test_recovery_ends_the_playbook_a_killed_worker_left(project, config, nap_se
         process.kill()
         process.wait(timeout=10)
     try:
-        assert _live_processes(b"ansible-playbook", ident.encode()), \
+        assert live_processes(b"ansible-playbook", ident.encode()), \
             "the killed worker's playbook should live on (its own session)"
         done = recording.recover_abandoned_runs(project)
         left = _leftovers(ident, nap_seconds)
     finally:
-        _kill(_live_processes(b"ansible-playbook", ident.encode()))
+        _kill(live_processes(b"ansible-playbook", ident.encode()))
     assert not left, f"processes of the abandoned run still alive: {left}"
     assert len(done) == 1 and ident in done[0]
     with db_session:

@@ -15,6 +15,7 @@ from pony.orm import db_session
 
 from provisioner.models import AnsibleRun, Instance
 from provisioner.testing import stripe_events
+from provisioner.testing.faults import live_processes
 from tests.integration.conftest import poll, wait_until_live
 
 STOP_GRACE_SECONDS = 2
@@ -27,20 +28,6 @@ HANGING_NGINX = """\
 touch {hung}
 exec sleep {nap}
 """
-
-
-def _live_processes(*needles: bytes) -> list[int]:
-    """Live (not zombie) processes whose command line holds every needle."""
-    found = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            cmdline = (proc / "cmdline").read_bytes()
-            state = (proc / "stat").read_text().rpartition(")")[2].split()[0]
-        except (OSError, IndexError):
-            continue
-        if state != "Z" and all(needle in cmdline for needle in needles):
-            found.append(int(proc.name))
-    return found
 
 
 def _running_runs() -> list[tuple[str, str, int | None]]:
@@ -93,9 +80,9 @@ def test_sigterm_mid_run_cancels_it_and_queues_the_job_again(service, tmp_path):
             store = Instance.get(subdomain=name)
             [job] = store.jobs.select(lambda j: j.kind == "converge")[:]
             assert (job.state, job.attempts) == ("queued", 0), job.last_error
-        assert not _live_processes(b"ansible-playbook", runs_dir), \
+        assert not live_processes(b"ansible-playbook", runs_dir), \
             "an ansible-playbook of the stopped worker is still alive"
-        assert not _live_processes(b"sleep\0" + str(nap).encode()), \
+        assert not live_processes(b"sleep\0" + str(nap).encode()), \
             "the hung task's command is still alive"
     finally:
         service.paused.clear()

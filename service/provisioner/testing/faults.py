@@ -886,3 +886,17 @@ def stop_nginx(nginx: LocalNginx) -> None:
 
 def wait_for_port_closed(port: int, timeout: float = 10) -> None:
     poll(lambda: _port_free(port), timeout, f"127.0.0.1:{port} to close")
+
+
+def live_processes(*needles: bytes) -> list[int]:
+    """Live (not zombie) processes whose command line holds every needle."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+            state = (proc / "stat").read_text().rpartition(")")[2].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state != "Z" and all(needle in cmdline for needle in needles):
+            found.append(int(proc.name))
+    return found
