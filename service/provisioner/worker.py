@@ -79,6 +79,7 @@ class Worker:
         self.stop = stop or threading.Event()
         self._stop_seen: float | None = None
         self._lane_wakes: dict[str, threading.Event] = {}
+        self._pause: Pause | None = None
 
     def _cancelled(self) -> bool:
         """True once the worker was asked to stop and the grace for the run is over."""
@@ -90,10 +91,11 @@ class Worker:
 
     # -- loop ----------------------------------------------------------------
 
-    def run_forever(self, stop: threading.Event, paused: threading.Event | None = None) -> None:
+    def run_forever(self, stop: threading.Event, paused: Pause | None = None) -> None:
         """Run every lane until `stop`; then let the current run finish or cancel it
         (STOP_GRACE_SECONDS) and return with no job of ours left running."""
         self.stop = stop
+        self._pause = paused
         recover_abandoned(self.config)
         self._lane_wakes = {name: threading.Event() for name in LANES}
         lanes = [threading.Thread(target=self._lane, args=(name, paused), daemon=True,
@@ -113,10 +115,10 @@ class Worker:
         for event in self._lane_wakes.values():
             event.set()
 
-    def _lane(self, name: str, paused: threading.Event | None) -> None:
+    def _lane(self, name: str, paused: Pause | None) -> None:
         wake = self._lane_wakes[name]
         while not self.stop.is_set():
-            if paused is not None and paused.is_set():
+            if paused is not None and not paused.enter():
                 self.stop.wait(0.2)
                 continue
             try:
@@ -124,6 +126,9 @@ class Worker:
                     self._poke()  # what was done may have queued work for another lane
             except Exception:  # keep the lane alive; the job records say what failed
                 log.exception("worker lane %s failed", name)
+            finally:
+                if paused is not None:
+                    paused.leave()
             wake.wait(self.config.worker_poll_seconds)
             wake.clear()
 
@@ -131,7 +136,7 @@ class Worker:
         """Process every due job (of `kinds`), including the ones this creates; return
         how many. Stops claiming once the worker is asked to stop."""
         handled = 0
-        while not self.stop.is_set():
+        while not self.stop.is_set() and not (self._pause and self._pause.is_set()):
             with db_session:
                 claimed = jobs.claim_due(kinds=kinds)
                 kinds_of = {job_id: Job[job_id].kind for job_id in claimed}
@@ -388,8 +393,43 @@ class Worker:
         return values + self.config.secrets()
 
 
+class Pause:
+    """A hold on the worker's lanes (tests use it to act alone on the stack): once
+    `set()` returns, no lane is inside a job and none claims one until `clear()`."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._held = False
+        self._inside = 0
+
+    def is_set(self) -> bool:
+        return self._held
+
+    def set(self, timeout: float = 300) -> None:
+        with self._cond:
+            self._held = True
+            if not self._cond.wait_for(lambda: self._inside == 0, timeout):
+                raise TimeoutError(f"the worker's lanes were still busy after {timeout} s")
+
+    def clear(self) -> None:
+        with self._cond:
+            self._held = False
+
+    def enter(self) -> bool:
+        with self._cond:
+            if self._held:
+                return False
+            self._inside += 1
+            return True
+
+    def leave(self) -> None:
+        with self._cond:
+            self._inside -= 1
+            self._cond.notify_all()
+
+
 def serve_worker(config: Config, stop: threading.Event, wake: threading.Event,
-                 paused: threading.Event | None = None) -> threading.Thread:
+                 paused: Pause | None = None) -> threading.Thread:
     """The worker in a thread of `serve`; join it after `stop` for a graceful stop."""
     thread = threading.Thread(target=Worker(config, wake, stop).run_forever,
                               args=(stop, paused), name="provisioner-worker", daemon=True)

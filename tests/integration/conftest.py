@@ -26,7 +26,7 @@ from provisioner.config import load_config
 from provisioner.testing import stripe_events
 from provisioner.testing.stack import LocalNginx, free_port, wait_for_port
 from provisioner.web import create_app
-from provisioner.worker import serve_worker
+from provisioner.worker import Pause, serve_worker
 from tests.conftest import WEBHOOK_SECRET
 
 pytestmark = pytest.mark.integration
@@ -100,7 +100,7 @@ class Service:
     nginx: LocalNginx
     smtp: SMTPSink
     wake_event: threading.Event
-    paused: threading.Event
+    paused: Pause
     env: dict
     webhook_times: list[float] = field(default_factory=list)
 
@@ -210,7 +210,7 @@ def live_env(base_env, config, nginx, smtp, localstripe, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def service(live_config, live_env, nginx, smtp):
-    stop, wake, paused = threading.Event(), threading.Event(), threading.Event()
+    stop, wake, paused = threading.Event(), threading.Event(), Pause()
     worker = serve_worker(live_config, stop, wake, paused)
     port = free_port()
     server = wsgi.Server(("127.0.0.1", port), create_app(live_config, wake=wake), numthreads=4)
