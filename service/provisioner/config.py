@@ -90,6 +90,7 @@ class Config:
     job_retry_base_seconds: int
     run_timeout_seconds: int
     stop_grace_seconds: int
+    ansible_mitogen: bool
     welcome_alert_after_minutes: int
     smtp_timeout_seconds: int
     server_threads: int

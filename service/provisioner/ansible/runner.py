@@ -99,7 +99,8 @@ def settings_vars(config: Config) -> dict:
     return {
         # Not ebuilder_instance_image: extra vars would beat each store's own image.
         "provisioner_default_image": config.ebuilder_image,
-        "ebuilder_instance_health_retries": config.health_wait_seconds,
+        # Polled 4 times a second (the role's delay): a store is live the moment it answers.
+        "ebuilder_instance_health_retries": config.health_wait_seconds * 4,
         "ebuilder_instance_data_root": str(config.customer_data_root),
         "ebuilder_instance_network": config.container_network,
         "ebuilder_instance_base_domain": config.base_domain,
@@ -121,6 +122,21 @@ def settings_vars(config: Config) -> dict:
 PASSED_ENV = frozenset({"PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR",
                         "TERM", "SSH_AUTH_SOCK", "PYTHONPATH", "VIRTUAL_ENV"})
 PASSED_ENV_PREFIXES = ("ANSIBLE_", "LC_", "RUNNER_", "AWX_")
+
+
+def strategy_env(config: Config) -> dict[str, str]:
+    """Mitogen's strategy when it is on and installed: the same playbooks, the same
+    results, module calls without a new Python per task (a sysadmin's plain
+    `ansible-playbook` keeps Ansible's own `linear`)."""
+    if not config.ansible_mitogen:
+        return {}
+    try:
+        import ansible_mitogen
+    except ImportError:
+        log.warning("ANSIBLE_MITOGEN is on but mitogen is not installed: using linear")
+        return {}
+    plugins = Path(ansible_mitogen.__file__).parent / "plugins" / "strategy"
+    return {"ANSIBLE_STRATEGY_PLUGINS": str(plugins), "ANSIBLE_STRATEGY": "mitogen_linear"}
 
 
 def minimal_env(runner_env: dict[str, str], process_env: dict[str, str]) -> dict[str, str]:
@@ -370,6 +386,7 @@ def run_playbook(config: Config, playbook: str, stores: list[dict], secrets: dic
                 # ansible-playbook lives beside the Python running us, venv or not.
                 "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
                 RUN_MARK: ident,
+                **strategy_env(config),
             },
             event_handler=event_handler, quiet=True)
         runner.config.env = minimal_env(runner.config.env, dict(os.environ))
