@@ -9,7 +9,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from pony.orm import db_session, flush, select
+from pony.orm import db_session, desc, flush, select
+from pony.orm import max as query_max
+from pony.orm import min as query_min
 
 from provisioner import docker_facts, docker_hosts, jobs, lifecycle
 from provisioner.ansible import operations
@@ -119,7 +121,7 @@ def health_sweep(config: Config, progress: Progress = _quiet) -> Report:
             outcome = result.hosts[store.name]
             if outcome.ok:
                 instance.health_failures = 0
-                HealthCheck(instance=instance, ok=True, detail="healthy")
+                _record_healthy(instance)
                 report.counts["healthy"] = report.counts.get("healthy", 0) + 1
                 continue
             instance.health_failures += 1
@@ -133,8 +135,10 @@ def health_sweep(config: Config, progress: Progress = _quiet) -> Report:
                 instance.status_message = (f"unhealthy {instance.health_failures} times in a "
                                            f"row: {outcome.error}")
                 # One alert per streak of failures: keyed by the streak's first check.
-                last_ok = max((h.id for h in instance.health_checks if h.ok), default=0)
-                first = min(h.id for h in instance.health_checks if not h.ok and h.id > last_ok)
+                last_ok = query_max(h.id for h in HealthCheck
+                                    if h.instance == instance and h.ok) or 0
+                first = query_min(h.id for h in HealthCheck
+                                  if h.instance == instance and not h.ok and h.id > last_ok)
                 lifecycle.notify(instance, "admin_unhealthy", key=f"check-{first}")
             report.counts["unhealthy"] = report.counts.get("unhealthy", 0) + 1
             report.lines.append(f"{store.name}: {outcome.error}"
@@ -156,6 +160,20 @@ def health_sweep(config: Config, progress: Progress = _quiet) -> Report:
         report.counts["restarted"] = len(to_restart)
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _record_healthy(instance: Instance) -> None:
+    """A healthy check: one row per store per hour of health (its `at` moves to the
+    latest check), a new one after a failure or in a new hour. A 5-minute sweep
+    keeps at most 24 rows a day per healthy store, not 288."""
+    now = utcnow()
+    last = instance.health_checks.select().order_by(desc(HealthCheck.id)).first()
+    if (last is not None and last.ok and last.action is None
+            and last.at.replace(minute=0, second=0, microsecond=0)
+            == now.replace(minute=0, second=0, microsecond=0)):
+        last.at = now
+        return
+    HealthCheck(instance=instance, ok=True, detail="healthy", at=now)
 
 
 def sync(config: Config, progress: Progress = _quiet) -> Report:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import shutil
 
 from pony.orm import db_session, flush, select
 
@@ -38,10 +39,12 @@ def _instance_id(store: dict) -> int | None:
 
 def recorded_run(config: Config, playbook: str, stores: list[dict], secrets: dict | None,
                  *, runner, jobs: dict[str, int], redact_values: list[str],
-                 cancel=None, extra_vars: dict | None = None) -> RunResult:
+                 cancel=None, extra_vars: dict | None = None, quiet: bool = False) -> RunResult:
     """Run a playbook for `stores`: the AnsibleRun row, live task events, the outcome.
 
-    Each database write is its own short transaction: none spans the run."""
+    Each database write is its own short transaction: none spans the run. A
+    `quiet` run logs only failed and changed tasks, and leaves no artifacts when
+    every store passed."""
     ident = new_ident(playbook)
     with db_session:
         run = AnsibleRun(ident=ident, playbook=playbook,
@@ -59,7 +62,7 @@ def recorded_run(config: Config, playbook: str, stores: list[dict], secrets: dic
                                 jobs.get(store["name"]))
     values = [*redact_values, *config.secrets(),
               *(s.get("admin_password", "") for s in (secrets or {}).values())]
-    sink = _EventSink(run_id, hosts, values)
+    sink = _EventSink(run_id, hosts, values, quiet=quiet)
     try:
         result = runner(config, playbook, stores, secrets, on_event=sink, ident=ident,
                         **({"cancel": cancel} if cancel is not None else {}),
@@ -74,6 +77,8 @@ def recorded_run(config: Config, playbook: str, stores: list[dict], secrets: dic
         run.status, run.rc, run.finished_at = result.status, result.rc, utcnow()
         run.artifact_dir = str(result.artifact_dir)
     result.run_id = run_id
+    if quiet and result.status == "successful" and all(h.ok for h in result.hosts.values()):
+        shutil.rmtree(config.ansible_runs_dir / ident, ignore_errors=True)
     return result
 
 
@@ -121,10 +126,12 @@ def recover_abandoned_runs(config: Config) -> list[str]:
 class _EventSink:
     """Streams ansible-runner task events into the provisioning log as they happen."""
 
-    def __init__(self, run_id: int, hosts: dict[str, tuple[int, int]], secrets: list[str]):
+    def __init__(self, run_id: int, hosts: dict[str, tuple[int, int]], secrets: list[str],
+                 quiet: bool = False):
         self.run_id = run_id
         self.hosts = hosts
         self.secrets = secrets
+        self.quiet = quiet
 
     def __call__(self, event: dict) -> None:
         if event.get("event") == "playbook_on_start" and event.get("pid"):
@@ -137,6 +144,8 @@ class _EventSink:
         res = data.get("res") or {}
         if outcome == "ok" and res.get("changed"):
             outcome = "changed"
+        if self.quiet and outcome in ("ok", "skipped"):
+            return
         instance_id, job_id = self.hosts.get(host, (None, None))
         message = f"{data.get('task', '')}: {outcome}"
         if outcome in ("failed", "unreachable"):

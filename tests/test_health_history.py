@@ -1,0 +1,123 @@
+"""Health sweeps keep what a person needs and bound the rest: one history row per
+healthy store per hour, failures always; a sweep every store passed logs no task
+and leaves no artifacts, one with a failure keeps both."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+from pony.orm import db_session
+
+from provisioner import maintenance
+from provisioner.ansible import operations
+from provisioner.ansible.runner import HostOutcome, RunResult
+from provisioner.models import HealthCheck, Instance, LogEntry, utcnow
+from provisioner.testing import stripe_events
+from provisioner.worker import Worker
+from tests.conftest import apply_events
+
+
+def running_store(config, name: str) -> int:
+    apply_events(config, stripe_events.signup(subdomain=name, site_name=name.title(),
+                                              email=f"{name}@example.com"))
+    Worker(config).run_once()
+    with db_session:
+        instance = Instance.get(subdomain=name)
+        assert instance.status == "running"
+        return instance.id
+
+
+class SweepRunner:
+    """A health run as ansible-runner leaves it: a run dir with artifacts, task events
+    streamed to the sink; the stores in `sick` fail their check."""
+
+    def __init__(self, sick: set[str] = frozenset()):
+        self.sick = sick
+
+    def __call__(self, config, playbook, stores, secrets=None, on_event=None, ident=None,
+                 **kwargs):
+        if playbook != "health.yml":  # the restart of a failed store: it works
+            return RunResult(ident=ident, playbook=playbook, status="successful", rc=0,
+                             artifact_dir=Path("/nonexistent"),
+                             hosts={s["name"]: HostOutcome(ok=True) for s in stores})
+        artifacts = config.ansible_runs_dir / ident / "artifacts" / ident
+        (artifacts / "job_events").mkdir(parents=True)
+        (artifacts / "stdout").write_text("PLAY RECAP\n")
+        for store in stores:
+            failed = store["name"] in self.sick
+            on_event({"event": "runner_on_failed" if failed else "runner_on_ok",
+                      "event_data": {"host": store["name"], "task": "Judge the store's health.",
+                                     "res": {"msg": "unhealthy: container running, HTTP 404"}
+                                     if failed else {"changed": False}}})
+        return RunResult(ident=ident, playbook=playbook,
+                         status="failed" if self.sick else "successful", rc=2 if self.sick else 0,
+                         artifact_dir=artifacts,
+                         hosts={s["name"]: HostOutcome(
+                             ok=s["name"] not in self.sick,
+                             error="unhealthy: container running, HTTP 404"
+                             if s["name"] in self.sick else None) for s in stores})
+
+
+def checks_of(store: int) -> list[tuple[bool, str | None]]:
+    with db_session:
+        return [(h.ok, h.action) for h in
+                Instance[store].health_checks.select().order_by(HealthCheck.id)]
+
+
+def test_a_healthy_store_keeps_one_row_per_hour_and_every_failure(config, recorded_runs):
+    store = running_store(config, "steady-shop")
+    operations.BACKEND = SweepRunner()
+    try:
+        for _ in range(3):
+            maintenance.health_sweep(config)
+        assert checks_of(store) == [(True, None)]
+        with db_session:
+            [row] = Instance[store].health_checks.select()[:]
+            assert utcnow() - row.at < timedelta(minutes=1), "the row dates the latest check"
+            row.at -= timedelta(hours=1)  # the same row, as seen an hour later
+        maintenance.health_sweep(config)
+        assert checks_of(store) == [(True, None), (True, None)]
+
+        operations.BACKEND = SweepRunner(sick={"steady-shop"})
+        maintenance.health_sweep(config)
+        operations.BACKEND = SweepRunner()
+        maintenance.health_sweep(config)
+        maintenance.health_sweep(config)
+    finally:
+        operations.BACKEND = recorded_runs
+    assert checks_of(store) == [(True, None), (True, None), (False, "restart"), (True, None)]
+
+
+def test_a_sweep_all_passed_leaves_no_artifacts_nor_task_logs(config, recorded_runs):
+    running_store(config, "quiet-shop")
+    runs_before = set(config.ansible_runs_dir.glob("health-*"))
+    operations.BACKEND = SweepRunner()
+    try:
+        with db_session:
+            logs_before = LogEntry.select().count()
+        maintenance.health_sweep(config)
+    finally:
+        operations.BACKEND = recorded_runs
+    with db_session:
+        assert LogEntry.select().count() == logs_before
+    assert set(config.ansible_runs_dir.glob("health-*")) == runs_before, "artifacts were kept"
+
+
+def test_a_sweep_with_a_failure_keeps_its_artifacts_and_the_failure_in_the_log(
+        config, recorded_runs):
+    running_store(config, "calm-shop")
+    store = running_store(config, "sick-shop")
+    runs_before = set(config.ansible_runs_dir.glob("health-*"))
+    operations.BACKEND = SweepRunner(sick={"sick-shop"})
+    try:
+        maintenance.health_sweep(config)
+    finally:
+        operations.BACKEND = recorded_runs
+    with db_session:
+        tasks = [(e.instance.subdomain, e.outcome) for e in LogEntry.select(
+            lambda e: e.task == "Judge the store's health.")]
+        assert tasks == [("sick-shop", "failed")]
+    assert checks_of(store) == [(False, "restart")]
+    kept = set(config.ansible_runs_dir.glob("health-*")) - runs_before
+    assert len(kept) == 1 and (Path(kept.pop()) / "artifacts").is_dir()
