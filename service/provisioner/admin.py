@@ -3,9 +3,8 @@ JSON API and the admin pages alike (routes only translate HTTP)."""
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from pony.orm import commit, count, desc, flush, select
@@ -91,6 +90,14 @@ def _skip_page(total: int, page: int, per_page: int) -> bool:
     return (page - 1) * per_page >= total
 
 
+def _paged(total: int, page: int, per_page: int, items: list) -> dict:
+    """One page of a listing: its items, the total, how many pages, the next page's
+    number (None on the last)."""
+    pages = max(1, -(-total // per_page))
+    return {"total": total, "page": page, "per_page": per_page, "pages": pages,
+            "next": page + 1 if page < pages else None, "items": items}
+
+
 def _iso(value) -> str | None:
     return value.isoformat(timespec="seconds") + "Z" if value else None
 
@@ -98,12 +105,22 @@ def _iso(value) -> str | None:
 def instance_summary(config: Config, instance: Instance) -> dict:
     """Everything an admin may know about a store; never its secrets."""
     subscription = instance.subscription
+    return _summary(config, instance, instance.customer.id if instance.customer else None,
+                    (subscription.stripe_id, subscription.status,
+                     subscription.current_period_end) if subscription else None)
+
+
+def _summary(config: Config, instance, customer_id: int | None,
+             subscription: tuple | None) -> dict:
+    """instance_summary of an Instance or of a _StoreRow (the same attributes);
+    `subscription` is (stripe_id, status, current_period_end) or None."""
+    url = config.store_url(instance.subdomain)
     return {
         "id": instance.id,
         "subdomain": instance.subdomain,
         "site_name": instance.site_name,
-        "url": config.store_url(instance.subdomain),
-        "admin_url": config.store_url(instance.subdomain) + "admin/",
+        "url": url,
+        "admin_url": url + "admin/",
         "admin_email": instance.admin_email,
         "status": instance.status,
         "desired_state": instance.desired_state,
@@ -113,11 +130,11 @@ def instance_summary(config: Config, instance: Instance) -> dict:
         "port": instance.port,
         "docker_host": instance.docker_host,
         "container": instance.container_name,
-        "customer_id": instance.customer.id if instance.customer else None,
+        "customer_id": customer_id,
         "subscription": {
-            "stripe_id": subscription.stripe_id,
-            "status": subscription.status,
-            "current_period_end": _iso(subscription.current_period_end),
+            "stripe_id": subscription[0],
+            "status": subscription[1],
+            "current_period_end": _iso(subscription[2]),
         } if subscription else None,
         "welcome_sent_at": _iso(instance.welcome_sent_at),
         "provisioned_at": _iso(instance.provisioned_at),
@@ -126,6 +143,52 @@ def instance_summary(config: Config, instance: Instance) -> dict:
         "created_at": _iso(instance.created_at),
         "updated_at": _iso(instance.updated_at),
     }
+
+
+@dataclass(frozen=True)
+class _StoreRow:
+    """The Instance columns a summary reads, as plain values: lists of stores select
+    these rather than entity objects (several times faster for a page of 200)."""
+
+    id: int
+    subdomain: str
+    site_name: str
+    admin_email: str
+    status: str
+    desired_state: str
+    status_message: str | None
+    live: bool
+    admin_hold: bool
+    port: int
+    docker_host: str
+    customer_id: int | None
+    subscription_id: int | None
+    welcome_sent_at: datetime | None
+    provisioned_at: datetime | None
+    delete_after: datetime | None
+    archive_path: str | None
+    created_at: datetime
+    updated_at: datetime
+    container_name = Instance.container_name  # the entity's own property, not a copy
+
+
+def instance_summaries(config: Config, instances, page: int = 1,
+                       per_page: int = 50) -> list[dict]:
+    """instance_summary for one page of an Instance query, newest first (by id, a stable
+    order): two queries (the stores' columns, their subscriptions), no entity objects."""
+    rows = [_StoreRow(*row) for row in select(
+        (i.id, i.subdomain, i.site_name, i.admin_email, i.status, i.desired_state,
+         i.status_message, i.live, i.admin_hold, i.port, i.docker_host, i.customer.id,
+         i.subscription.id, i.welcome_sent_at, i.provisioned_at, i.delete_after,
+         i.archive_path, i.created_at, i.updated_at) for i in instances
+    ).order_by(-1).page(page, per_page)]
+    wanted = sorted({row.subscription_id for row in rows if row.subscription_id})
+    subscriptions = {number: (stripe_id, status, period_end)
+                     for number, stripe_id, status, period_end in select(
+                         (s.id, s.stripe_id, s.status, s.current_period_end)
+                         for s in Subscription if s.id in wanted)} if wanted else {}
+    return [_summary(config, row, row.customer_id, subscriptions.get(row.subscription_id))
+            for row in rows]
 
 
 def job_summary(job: Job) -> dict:
@@ -147,31 +210,48 @@ def log_summary(entry: LogEntry) -> dict:
     }
 
 
+DASHBOARD_FAILING = 20
+DASHBOARD_RECENT = 10
+DASHBOARD_QUEUE = 50
+
+
 def dashboard(config: Config) -> dict:
-    """The admin dashboard: counts, failing stores, recent signups, the job queue."""
-    failing = Instance.select(lambda i: i.status in _NEEDING_AN_ADMIN
-                              ).order_by(desc(Instance.id)).limit(20)
-    recent = Instance.select().order_by(desc(Instance.id)).limit(10)
-    queue = Job.select(lambda j: j.state in _WAITING).order_by(Job.id).limit(50)
+    """The admin dashboard: counts, the few stores needing a look, recent signups, the job
+    queue. A fixed number of queries and rows, however many stores there are."""
+    needing = Instance.select(lambda i: i.status in _NEEDING_AN_ADMIN)
+    waiting = Job.select(lambda j: j.state in _WAITING)
+    queue = waiting.order_by(Job.id).prefetch(Job.last_error).limit(DASHBOARD_QUEUE)
     return {"stats": stats(config),
-            "failing": [instance_summary(config, i) for i in failing],
-            "recent": [instance_summary(config, i) for i in recent],
-            "queue": [job_summary(j) for j in queue]}
+            "failing": instance_summaries(config, needing, per_page=DASHBOARD_FAILING),
+            "failing_total": needing.count(),
+            "recent": instance_summaries(config, Instance.select(), per_page=DASHBOARD_RECENT),
+            "queue": [job_summary(j) for j in queue],
+            "queue_total": waiting.count()}
+
+
+def _instances_matching(status: str | None, q: str | None):
+    query = Instance.select()
+    if status:
+        query = query.filter(lambda i: i.status == status)
+    needle = (q or "").strip().lower()
+    if needle:
+        query = query.filter(lambda i: needle in i.subdomain.lower()
+                             or needle in i.admin_email.lower()
+                             or needle in i.site_name.lower())
+    return query
 
 
 def list_instances(config: Config, status: str | None = None, q: str | None = None,
                    page: int = 1, per_page: int = 50) -> dict:
-    query = Instance.select()
-    if status:
-        query = query.filter(lambda i: i.status == status)
-    if q:
-        needle = q.strip().lower()
-        query = query.filter(lambda i: needle in i.subdomain.lower()
-                             or needle in i.admin_email.lower())
+    """Stores newest first (by id: a stable order), one page of them; `status` is one
+    state exactly, `q` searches subdomain, email and site name (case-insensitive,
+    literally). Three queries (a count, the page's stores, their subscriptions),
+    however many stores there are."""
+    query = _instances_matching(status, q)
     total = query.count()
-    rows = query.order_by(desc(Instance.id)).page(page, per_page)
-    return {"total": total, "page": page, "per_page": per_page,
-            "items": [instance_summary(config, i) for i in rows]}
+    items = [] if _skip_page(total, page, per_page) else \
+        instance_summaries(config, query, page, per_page)
+    return _paged(total, page, per_page, items)
 
 
 def get_instance(instance_id: int) -> Instance:
@@ -183,8 +263,10 @@ def get_instance(instance_id: int) -> Instance:
 
 def instance_detail(config: Config, instance_id: int) -> dict:
     instance = get_instance(instance_id)
-    recent_jobs = instance.jobs.select().order_by(desc(Job.id)).limit(20)
-    recent_logs = instance.logs.select().order_by(desc(LogEntry.id)).limit(100)
+    recent_jobs = instance.jobs.select().order_by(desc(Job.id)).prefetch(Job.last_error
+                                                                         ).limit(20)
+    recent_logs = instance.logs.select().order_by(desc(LogEntry.id)
+                                                  ).prefetch(LogEntry.message).limit(100)
     checks = instance.health_checks.select().order_by(desc(HealthCheck.id)).limit(20)
     target = _instance_target(instance)
     recent_audit = AuditEntry.select(lambda a: a.target == target
@@ -199,10 +281,19 @@ def instance_detail(config: Config, instance_id: int) -> dict:
 
 
 def list_runs(limit: int = 100) -> list[dict]:
+    """The newest runs with the stores each touched: two queries, not one per run (a
+    batch can hold every store)."""
+    runs = AnsibleRun.select().order_by(desc(AnsibleRun.id)).limit(limit)[:]
+    numbers = [r.id for r in runs]
+    stores: dict[int, set[str]] = {number: set() for number in numbers}
+    if numbers:
+        for number, subdomain in select((j.ansible_run.id, j.instance.subdomain) for j in Job
+                                        if j.ansible_run.id in numbers
+                                        and j.instance is not None):
+            stores[number].add(subdomain)
     return [{"id": r.id, "playbook": r.playbook, "status": r.status, "rc": r.rc,
              "started_at": _iso(r.started_at), "finished_at": _iso(r.finished_at),
-             "stores": sorted({j.instance.subdomain for j in r.jobs if j.instance})}
-            for r in AnsibleRun.select().order_by(desc(AnsibleRun.id)).limit(limit)]
+             "stores": sorted(stores[r.id])} for r in runs]
 
 
 def _action_refusal(instance: Instance, action: str) -> str | None:
@@ -374,7 +465,7 @@ def list_webhooks(outcome: str | None = None, q: str | None = None, page: int = 
         event = recorded.get(delivery.stripe_id)
         items.append({**delivery_summary(delivery),
                       "event": event_summary(event, event.id in waiting) if event else None})
-    return {"total": total, "page": page, "per_page": per_page, "items": items}
+    return _paged(total, page, per_page, items)
 
 
 # -- the audit log -----------------------------------------------------------
@@ -407,37 +498,47 @@ def list_audit(q: str | None = None, page: int = 1, per_page: int = 50,
     total = query.count()
     rows = [] if _skip_page(total, page, per_page) else \
         query.order_by(desc(AuditEntry.id)).page(page, per_page)[:]
-    return {"total": total, "page": page, "per_page": per_page,
-            "items": [audit_summary(a) for a in rows]}
+    return _paged(total, page, per_page, [audit_summary(a) for a in rows])
 
 
 def list_customers(page: int = 1, per_page: int = 50) -> dict:
-    query = Customer.select().order_by(desc(Customer.id))
-    return {"total": query.count(), "page": page, "per_page": per_page, "items": [{
+    """Customers newest first with their subscriptions and stores: a count and three
+    queries for the page (customers, their subscriptions, their stores)."""
+    total = Customer.select().count()
+    rows = [] if _skip_page(total, page, per_page) else \
+        Customer.select().order_by(desc(Customer.id)).prefetch(
+            Customer.subscriptions, Customer.instances).page(page, per_page)[:]
+    return _paged(total, page, per_page, [{
         "id": c.id, "stripe_id": c.stripe_id, "email": c.email, "created_at": _iso(c.created_at),
         "subscriptions": [{"stripe_id": s.stripe_id, "status": s.status,
                            "current_period_end": _iso(s.current_period_end)}
-                          for s in c.subscriptions.order_by(Subscription.id)],
+                          for s in sorted(c.subscriptions, key=lambda s: s.id)],
         "instances": [{"id": i.id, "subdomain": i.subdomain, "status": i.status}
-                      for i in c.instances.order_by(Instance.id)],
-    } for c in query.page(page, per_page)]}
+                      for i in sorted(c.instances, key=lambda i: i.id)],
+    } for c in rows])
+
+
+def _per_day(rows) -> dict[str, int]:
+    """(day, n) rows of a GROUP BY on a date as {"YYYY-MM-DD": n}, oldest first."""
+    return dict(sorted((str(day), n) for day, n in rows if day is not None))
 
 
 def stats(config: Config, days: int = 30) -> dict:
+    """Counts by SQL aggregates (GROUP BY, COUNT): a fixed number of queries and no row
+    loaded as an object, however many stores, jobs and events there are."""
     since = utcnow() - timedelta(days=days)
-    by_status = dict(select((i.status, count(i)) for i in Instance))
-    signups = Counter(i.created_at.date().isoformat() for i in
-                      Instance.select(lambda i: i.created_at >= since))
-    cancellations = Counter(s.canceled_at.date().isoformat() for s in
-                            Subscription.select(lambda s: s.canceled_at is not None
-                                                and s.canceled_at >= since))
+    by_status = dict(select((i.status, count()) for i in Instance))
+    signups = _per_day(select((i.created_at.date(), count()) for i in Instance
+                              if i.created_at >= since))
+    cancellations = _per_day(select((s.canceled_at.date(), count()) for s in Subscription
+                                    if s.canceled_at is not None and s.canceled_at >= since))
     paying = Subscription.select(lambda s: s.status in PAYING).count()
     return {
         "instances_by_status": by_status,
         "instances_total": sum(by_status.values()),
-        "signups_per_day": dict(sorted(signups.items())),
-        "cancellations_per_day": dict(sorted(cancellations.items())),
-        "jobs_by_state": dict(select((j.state, count(j)) for j in Job)),
+        "signups_per_day": signups,
+        "cancellations_per_day": cancellations,
+        "jobs_by_state": dict(select((j.state, count()) for j in Job)),
         "job_failures": Job.select(lambda j: j.state == _FAILED).count(),
         "events_received": StripeEvent.select().count(),
         "events_failed": StripeEvent.select(lambda e: e.failed_at is not None).count(),
@@ -452,7 +553,8 @@ def job_detail(job_id: int) -> dict:
     if job is None:
         raise NotFound(f"no job {job_id}")
     return {**job_summary(job),
-            "log": [log_summary(e) for e in job.logs.select().order_by(LogEntry.id)]}
+            "log": [log_summary(e) for e in
+                    job.logs.select().order_by(LogEntry.id).prefetch(LogEntry.message)]}
 
 
 # -- provisioning logs from ansible-runner artifacts ------------------------

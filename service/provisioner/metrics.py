@@ -59,9 +59,11 @@ def render(webhooks: WebhookMetrics) -> str:
     lines += ["# HELP provisioner_ansible_run_seconds Duration of finished ansible runs.",
               "# TYPE provisioner_ansible_run_seconds summary"]
     by_playbook: dict[str, list[float]] = {}
-    for run in AnsibleRun.select(lambda r: r.finished_at is not None):
-        seconds = (run.finished_at - run.started_at).total_seconds()
-        by_playbook.setdefault(run.playbook, []).append(seconds)
+    # Plain rows, not objects: every finished run is read on each scrape.
+    for playbook, started_at, finished_at in select(
+            (r.playbook, r.started_at, r.finished_at) for r in AnsibleRun
+            if r.finished_at is not None):
+        by_playbook.setdefault(playbook, []).append((finished_at - started_at).total_seconds())
     for playbook, values in sorted(by_playbook.items()):
         label = f'playbook="{_label(playbook)}"'
         lines.append(f"provisioner_ansible_run_seconds_sum{{{label}}} {sum(values):.3f}")

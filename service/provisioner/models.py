@@ -25,6 +25,7 @@ from pony.orm import (
     Required,
     Set,
     TransactionIntegrityError,
+    composite_index,
     composite_key,
     db_session,
 )
@@ -55,7 +56,7 @@ class Subscription(db.Entity):
     customer = Optional(Customer)
     stripe_customer_id = Optional(str, nullable=True)
     # Stripe's own status word (active, past_due, ...); None until known.
-    status = Optional(str, nullable=True)
+    status = Optional(str, nullable=True, index=True)
     payment_confirmed = Required(bool, default=False)
     # Time of the newest subscription snapshot applied: an older one that
     # arrives late (Stripe does not promise order) never overwrites it.
@@ -64,7 +65,7 @@ class Subscription(db.Entity):
     current_period_start = Optional(datetime)
     current_period_end = Optional(datetime)
     cancel_at = Optional(datetime)
-    canceled_at = Optional(datetime)
+    canceled_at = Optional(datetime, index=True)
     created_at = Required(datetime, default=utcnow)
     updated_at = Required(datetime, default=utcnow)
     instances = Set("Instance")
@@ -102,11 +103,13 @@ class Instance(db.Entity):
     delete_after = Optional(datetime)
     archive_path = Optional(str, nullable=True)
     destroyed_at = Optional(datetime)
-    created_at = Required(datetime, default=utcnow)
+    created_at = Required(datetime, default=utcnow, index=True)
     updated_at = Required(datetime, default=utcnow)
     jobs = Set("Job")
     logs = Set("LogEntry")
     notifications = Set("Notification")
+    # The admin list filters by state, newest first (admin.list_instances).
+    composite_index(status, id)
 
     @property
     def container_name(self) -> str:
@@ -130,7 +133,7 @@ class StripeEvent(db.Entity):
     payload = Required(LongStr)
     received_at = Required(datetime, default=utcnow)
     processed_at = Optional(datetime)
-    failed_at = Optional(datetime)
+    failed_at = Optional(datetime, index=True)
     error = Optional(LongStr, nullable=True)
     # Deliveries after the first (Stripe retries, replays by hand are jobs).
     duplicates = Required(int, default=0)
@@ -189,7 +192,7 @@ class Job(db.Entity):
     instance = Optional(Instance)
     event = Optional(StripeEvent)
     # A states.JobState.
-    state = Required(str, default="queued")
+    state = Required(str, default="queued", index=True)
     attempts = Required(int, default=0)
     next_run_at = Required(datetime, default=utcnow)
     # A running job whose lease ran out (its worker died) is claimable again.

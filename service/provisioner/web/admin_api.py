@@ -20,7 +20,7 @@ def instances(web: Web):
         return json_response(400, {"error": f"status must be one of {', '.join(STATUSES)}"})
     with db_session:
         return json_response(200, admin.list_instances(
-            web.config, status=status, q=request.query.get("q"), page=page, per_page=per_page))
+            web.config, status=status, q=search_text(), page=page, per_page=per_page))
 
 
 def instance(web: Web, instance_id: int):

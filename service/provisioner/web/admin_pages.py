@@ -26,10 +26,12 @@ def instances(web: Web):
     status = request.query.get("status") or None
     if status not in STATUSES:
         status = None
-    q = request.query.get("q") or None
+    q = _search_text()
     with db_session:
-        return render("admin/instances.html", statuses=STATUSES, status=status, q=q,
-                      page=admin.list_instances(web.config, status=status, q=q, per_page=200))
+        listing = admin.list_instances(web.config, status=status, q=q, page=_page_number(),
+                                       per_page=PER_PAGE)
+    return render("admin/instances.html", statuses=STATUSES, status=status, q=q,
+                  listing=listing, paging=_paging(listing, status=status, q=q))
 
 
 def instance(web: Web, instance_id: int):
@@ -63,6 +65,10 @@ def instance_retry(web: Web, instance_id: int):
         flash = f"retry queued as job {result['job_id']}" if result["job_id"] else \
             f"retry recorded; nothing to run while billing says {result['desired_state']}"
     redirect(f"/admin/instances/{instance_id}/?flash={quote(flash)}", 303)
+
+
+def _search_text() -> str | None:
+    return (request.query.get("q") or "")[:200] or None
 
 
 def _page_number() -> int:
@@ -140,7 +146,8 @@ def run(web: Web, run_id: int):
 
 def customers(web: Web):
     with db_session:
-        return render("admin/customers.html", page=admin.list_customers(1, 200))
+        listing = admin.list_customers(_page_number(), PER_PAGE)
+    return render("admin/customers.html", listing=listing, paging=_paging(listing))
 
 
 ROUTES = (

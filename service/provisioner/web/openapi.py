@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from provisioner.states import StoreState
+
 ERROR = {"$ref": "#/components/schemas/Error"}
+STORE_STATES = tuple(state.value for state in StoreState)
 
 
 def _json(schema: dict, description: str) -> dict:
@@ -102,9 +105,14 @@ def document() -> dict:
                                      "responses": {"200": _json({"type": "object"}, "OK")}}},
             "/api/openapi.json": {"get": {"summary": "This document.",
                                           "responses": {"200": _json({"type": "object"}, "OK")}}},
-            "/api/instances/": _admin_get("Stores, newest first.", params=[
-                _query("status", {"type": "string"}, "only stores in this state"),
-                _query("q", {"type": "string"}, "search subdomain and email"), *PAGING]),
+            "/api/instances/": _admin_get(
+                "Stores, newest first, one page of them: items, total, page, per_page, "
+                "pages, next (the next page's number, null on the last).", params=[
+                    _query("status", {"type": "string", "enum": list(STORE_STATES)},
+                           "only stores in this state"),
+                    _query("q", {"type": "string", "maxLength": 200},
+                           "search subdomain, email and site name (case-insensitive)"),
+                    *PAGING]),
             "/api/instances/{id}/": _admin_get("One store with recent jobs and log.",
                                                with_id=True, params=instance_id),
             "/api/instances/{id}/start/": {**_action("start"), "parameters": instance_id},
