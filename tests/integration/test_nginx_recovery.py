@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import subprocess
+from pathlib import Path
 
 from pony.orm import db_session
 
@@ -49,8 +50,25 @@ def status_through(nginx: LocalNginx, name: str) -> int:
 
 
 def reload_behind_our_back(nginx: LocalNginx) -> None:
+    """Reload, and return once only workers of the new configuration accept: until
+    then an old worker may still answer a new connection as before the reload."""
     subprocess.run([nginx.nginx_bin, "-c", str(nginx.conf), "-e", str(nginx.root / "error.log"),
                     "-s", "reload"], check=True, capture_output=True)
+    master = int((nginx.root / "nginx.pid").read_text())
+
+    def workers() -> list[bytes]:
+        found = []
+        for entry in Path("/proc").iterdir():
+            try:
+                if entry.name.isdigit() and int(
+                        (entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == master:
+                    found.append((entry / "cmdline").read_bytes())
+            except (OSError, IndexError, ValueError):
+                continue
+        return found
+    # worker_processes 1 (LocalNginx): one worker, and it is not an old one shutting down.
+    poll(lambda: (lambda w: len(w) == 1 and b"shutting down" not in w[0])(workers()),
+         timeout=30, what="nginx's old worker to leave after the reload")
 
 
 def vhost_a_killed_run_left(service, name: str):
