@@ -13,7 +13,7 @@ from datetime import timedelta
 from pony.orm import select
 
 from provisioner.models import Instance, Job, LogEntry, StripeEvent, utcnow
-from provisioner.states import JobState
+from provisioner.states import JobKind, JobState
 
 QUEUED, RUNNING, DONE, FAILED = (s.value for s in JobState)
 
@@ -39,10 +39,14 @@ def enqueue(kind: str, *, instance: Instance | None = None, event: StripeEvent |
     return Job(kind=str(kind), instance=instance, event=event, detail=detail, next_run_at=run_at)
 
 
-def claim_due(limit: int = 100, kinds: Iterable[str] | None = None) -> list[int]:
+def claim_due(limit: int = 100, kinds: Iterable[str] | None = None,
+              new_stores_only: bool = False) -> list[int]:
     """Take due jobs of `kinds` (all when None), at most one per instance among those
     kinds, marking them running (needs a db_session). Lanes of different kinds do not
-    hold each other up: an email never waits for a playbook."""
+    hold each other up: an email never waits for a playbook.
+
+    `new_stores_only`: only the converge jobs of stores never provisioned yet (the
+    signups lane), still one job per store among all of `kinds`."""
     now = utcnow()
     wanted = sorted(str(k) for k in kinds) if kinds is not None else None
     running = select(j for j in Job if j.state == RUNNING and j.locked_until > now)
@@ -58,6 +62,9 @@ def claim_due(limit: int = 100, kinds: Iterable[str] | None = None) -> list[int]
     )
     if wanted is not None:
         due = due.filter(lambda j: j.kind in wanted)
+    if new_stores_only:
+        converge = str(JobKind.CONVERGE)
+        due = due.filter(lambda j: j.kind == converge and j.instance.provisioned_at is None)
     claimed: list[int] = []
     for job in due.order_by(Job.id):
         if job.instance is not None:

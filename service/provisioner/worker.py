@@ -45,7 +45,12 @@ LANES: dict[str, tuple[str, ...]] = {
     "billing": (JobKind.EVENT, JobKind.RECONCILE),
     "email": (JobKind.NOTIFY,),
     "ansible": (JobKind.CONVERGE, JobKind.ACTION, JobKind.DESTROY, *MAINTENANCE_KINDS),
+    # A paying customer's first provisioning never waits for a fleet batch (a sweep,
+    # a sync, an upgrade) to end: a second ansible run beside it. Only stores never
+    # provisioned, which no fleet operation touches; one job per store across both.
+    "signups": (JobKind.CONVERGE, JobKind.ACTION, JobKind.DESTROY, *MAINTENANCE_KINDS),
 }
+NEW_STORES_LANES = frozenset({"signups"})
 # Emails are retried for as long as they matter (a welcome only while its store
 # runs), at most this far apart.
 EMAIL_BACKOFF_CAP = timedelta(minutes=15)
@@ -80,6 +85,9 @@ class Worker:
         self._stop_seen: float | None = None
         self._lane_wakes: dict[str, threading.Event] = {}
         self._pause: Pause | None = None
+        # Lanes of one worker claim one at a time (two claiming the same job would
+        # make one fail its write).
+        self._claiming = threading.Lock()
 
     def _cancelled(self) -> bool:
         """True once the worker was asked to stop and the grace for the run is over."""
@@ -122,7 +130,7 @@ class Worker:
                 self.stop.wait(0.2)
                 continue
             try:
-                if self.run_once(LANES[name]):
+                if self.run_once(LANES[name], new_stores_only=name in NEW_STORES_LANES):
                     self._poke()  # what was done may have queued work for another lane
             except Exception:  # keep the lane alive; the job records say what failed
                 log.exception("worker lane %s failed", name)
@@ -132,13 +140,14 @@ class Worker:
             wake.wait(self.config.worker_poll_seconds)
             wake.clear()
 
-    def run_once(self, kinds: tuple[str, ...] | None = None) -> int:
+    def run_once(self, kinds: tuple[str, ...] | None = None,
+                 new_stores_only: bool = False) -> int:
         """Process every due job (of `kinds`), including the ones this creates; return
         how many. Stops claiming once the worker is asked to stop."""
         handled = 0
         while not self.stop.is_set() and not (self._pause and self._pause.is_set()):
-            with db_session:
-                claimed = jobs.claim_due(kinds=kinds)
+            with self._claiming, db_session:
+                claimed = jobs.claim_due(kinds=kinds, new_stores_only=new_stores_only)
                 kinds_of = {job_id: Job[job_id].kind for job_id in claimed}
             if not claimed:
                 return handled
