@@ -168,7 +168,7 @@ def _measure(args, stack: BenchStack, report: Report, t, service: memory.Sampler
         t(Row(f"burst of {size} signups -> all live", seconds, med(floors),
               goal=f"<= {times}x floor", check=ratio_at_most(times)))
         report.note(f"burst of {size}: the worker built it in {runs} provision run(s) "
-                    f"(they run one after another); floor {spread(floors)}")
+                    f"(the two ansible lanes may run them side by side); floor {spread(floors)}")
     stack.wait_idle(900, "the welcome emails of the signups")
 
     # 7b. Memory: idle, and the peak of the largest burst.

@@ -75,3 +75,27 @@ def test_a_signup_goes_live_while_a_health_sweep_runs(config, recorded_runs):
         thread.join(60)
         operations.BACKEND = recorded_runs
     assert "provision.yml" in runner.playbooks
+
+
+def test_only_the_signups_lane_builds_new_stores_and_it_builds_nothing_else(config):
+    from provisioner.worker import LANES
+
+    with db_session:
+        new = Instance(subdomain="fresh-shop", site_name="Fresh", admin_email="f@example.com",
+                       port=19112, status="provisioning", desired_state="running")
+        old = Instance(subdomain="known-shop", site_name="Known", admin_email="k@example.com",
+                       port=19113, status="running", desired_state="running",
+                       provisioned_at=utcnow())
+        jobs_by_name = {"new converge": jobs.enqueue(JobKind.CONVERGE, instance=new),
+                        "old converge": jobs.enqueue(JobKind.CONVERGE, instance=old),
+                        "new action": jobs.enqueue(JobKind.ACTION, instance=new,
+                                                   detail="stop"),
+                        "health": jobs.enqueue(JobKind.HEALTH)}
+    ids = {job.id: name for name, job in jobs_by_name.items()}
+    with db_session:
+        signups = [ids[i] for i in jobs.claim_due(kinds=LANES["signups"], new_stores=True)]
+    with db_session:
+        # The new store has a running job now: its action waits for it.
+        main = [ids[i] for i in jobs.claim_due(kinds=LANES["ansible"], new_stores=False)]
+    assert signups == ["new converge"]
+    assert main == ["old converge", "health"]

@@ -40,13 +40,14 @@ def enqueue(kind: str, *, instance: Instance | None = None, event: StripeEvent |
 
 
 def claim_due(limit: int = 100, kinds: Iterable[str] | None = None,
-              new_stores_only: bool = False) -> list[int]:
+              new_stores: bool | None = None) -> list[int]:
     """Take due jobs of `kinds` (all when None), at most one per instance among those
     kinds, marking them running (needs a db_session). Lanes of different kinds do not
     hold each other up: an email never waits for a playbook.
 
-    `new_stores_only`: only the converge jobs of stores never provisioned yet (the
-    signups lane), still one job per store among all of `kinds`."""
+    `new_stores`: True, only the converge jobs of stores never provisioned yet (the
+    signups lane); False, all but those (the other ansible lane); None, all. Still one
+    job per store among all of `kinds`."""
     now = utcnow()
     wanted = sorted(str(k) for k in kinds) if kinds is not None else None
     running = select(j for j in Job if j.state == RUNNING and j.locked_until > now)
@@ -62,11 +63,13 @@ def claim_due(limit: int = 100, kinds: Iterable[str] | None = None,
     )
     if wanted is not None:
         due = due.filter(lambda j: j.kind in wanted)
-    if new_stores_only:
+    if new_stores is True:
         converge = str(JobKind.CONVERGE)
-        due = due.filter(lambda j: j.kind == converge and j.instance.provisioned_at is None)
+        due = due.filter(lambda j: j.kind == converge)
     claimed: list[int] = []
     for job in due.order_by(Job.id):
+        if new_stores is not None and _builds_a_new_store(job) != new_stores:
+            continue
         if job.instance is not None:
             if job.instance.id in busy:
                 continue
@@ -82,6 +85,11 @@ def claim_due(limit: int = 100, kinds: Iterable[str] | None = None,
         if len(claimed) >= limit:
             break
     return claimed
+
+
+def _builds_a_new_store(job: Job) -> bool:
+    return (job.kind == JobKind.CONVERGE and job.instance is not None
+            and job.instance.provisioned_at is None)
 
 
 def complete(job: Job) -> None:

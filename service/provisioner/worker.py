@@ -46,11 +46,14 @@ LANES: dict[str, tuple[str, ...]] = {
     "email": (JobKind.NOTIFY,),
     "ansible": (JobKind.CONVERGE, JobKind.ACTION, JobKind.DESTROY, *MAINTENANCE_KINDS),
     # A paying customer's first provisioning never waits for a fleet batch (a sweep,
-    # a sync, an upgrade) to end: a second ansible run beside it. Only stores never
-    # provisioned, which no fleet operation touches; one job per store across both.
+    # a sync, an upgrade) to end: a second ansible run beside it. It alone builds the
+    # stores never provisioned, which no fleet operation touches (so the first stores
+    # of a host never race to create its network in two runs); one job per store
+    # across both.
     "signups": (JobKind.CONVERGE, JobKind.ACTION, JobKind.DESTROY, *MAINTENANCE_KINDS),
 }
-NEW_STORES_LANES = frozenset({"signups"})
+# Which stores' converge jobs a lane takes: True only new ones, False all but those.
+NEW_STORES: dict[str, bool] = {"ansible": False, "signups": True}
 # Emails are retried for as long as they matter (a welcome only while its store
 # runs), at most this far apart.
 EMAIL_BACKOFF_CAP = timedelta(minutes=15)
@@ -130,7 +133,7 @@ class Worker:
                 self.stop.wait(0.2)
                 continue
             try:
-                if self.run_once(LANES[name], new_stores_only=name in NEW_STORES_LANES):
+                if self.run_once(LANES[name], new_stores=NEW_STORES.get(name)):
                     self._poke()  # what was done may have queued work for another lane
             except Exception:  # keep the lane alive; the job records say what failed
                 log.exception("worker lane %s failed", name)
@@ -141,13 +144,13 @@ class Worker:
             wake.clear()
 
     def run_once(self, kinds: tuple[str, ...] | None = None,
-                 new_stores_only: bool = False) -> int:
+                 new_stores: bool | None = None) -> int:
         """Process every due job (of `kinds`), including the ones this creates; return
         how many. Stops claiming once the worker is asked to stop."""
         handled = 0
         while not self.stop.is_set() and not (self._pause and self._pause.is_set()):
             with self._claiming, db_session:
-                claimed = jobs.claim_due(kinds=kinds, new_stores_only=new_stores_only)
+                claimed = jobs.claim_due(kinds=kinds, new_stores=new_stores)
                 kinds_of = {job_id: Job[job_id].kind for job_id in claimed}
             if not claimed:
                 return handled
