@@ -121,3 +121,22 @@ def test_a_sweep_with_a_failure_keeps_its_artifacts_and_the_failure_in_the_log(
     assert checks_of(store) == [(False, "restart")]
     kept = set(config.ansible_runs_dir.glob("health-*")) - runs_before
     assert len(kept) == 1 and (Path(kept.pop()) / "artifacts").is_dir()
+
+
+def test_the_public_status_dates_the_last_sweep_by_its_latest_check(config):
+    """An older row whose time moved to the latest check (a store healthy all hour) is
+    newer than a later row of another store that stopped being checked."""
+    from provisioner import admin
+    from provisioner.models import HealthCheck
+
+    store = running_store(config, "dated-shop")
+    other = running_store(config, "other-dated-shop")
+    with db_session:
+        moved = HealthCheck(instance=store, ok=True, detail="healthy")
+        HealthCheck(instance=other, ok=False, detail="unhealthy",
+                    at=utcnow() - timedelta(hours=2))
+        moved.at = utcnow()
+        latest = moved.at
+    with db_session:
+        assert admin.public_status()["last_health_sweep"] == \
+            latest.isoformat(timespec="seconds") + "Z"

@@ -8,6 +8,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from pony.orm import commit, count, desc, flush, select
+from pony.orm import max as pony_max
 
 from provisioner import events, jobs, lifecycle
 from provisioner.config import Config
@@ -584,7 +585,9 @@ def run_detail(config: Config, run_id: int) -> dict:
 def public_status() -> dict:
     """What anyone may know: no names, no emails."""
     last_run = AnsibleRun.select().order_by(desc(AnsibleRun.id)).first()
-    last_check = HealthCheck.select().order_by(desc(HealthCheck.id)).first()
+    # A healthy store's row of the hour moves its `at` to the latest check: the newest
+    # `at`, not the newest row, is the last sweep.
+    last_check = pony_max(h.at for h in HealthCheck)
     live = Instance.select(lambda i: i.live)
     return {
         "service": "up",
@@ -592,6 +595,6 @@ def public_status() -> dict:
         "stores_running": live.filter(lambda i: i.status == _RUNNING).count(),
         "stores_total": live.count(),
         "last_ansible_run": _iso(last_run.finished_at) if last_run else None,
-        "last_health_sweep": _iso(last_check.at) if last_check else None,
+        "last_health_sweep": _iso(last_check) if last_check else None,
         "checked_at": _iso(utcnow()),
     }

@@ -209,7 +209,7 @@ class HealthCheck(db.Entity):
 
     id = PrimaryKey(int, auto=True)
     instance = Required(Instance)
-    at = Required(datetime, default=utcnow)
+    at = Required(datetime, default=utcnow, index=True)
     ok = Required(bool)
     detail = Optional(str, nullable=True)
     action = Optional(str, nullable=True)
