@@ -8,9 +8,8 @@ from __future__ import annotations
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
-from bench.stack import VENV_BIN, BenchError, BenchStack, run, store_status
+from bench.stack import BenchError, BenchStack, Timed, store_status, timed_command
 
 SUMMARY = re.compile(r"^health: .* in ([0-9.]+) s$", re.MULTILINE)
 
@@ -30,20 +29,5 @@ def floor(stack: BenchStack, subdomains: list[str], reps: int) -> list[float]:
     return times
 
 
-@dataclass
-class Sweep:
-    wall: float
-    inner: float | None
-    summary: str
-
-
-def cli(stack: BenchStack, timeout: float) -> Sweep:
-    started = time.perf_counter()
-    result = run([str(VENV_BIN / "provisioner"), "health", "--timeout", str(timeout)],
-                 timeout=timeout, check=False, env=stack.env())
-    wall = time.perf_counter() - started
-    match = SUMMARY.search(result.stdout)
-    if result.returncode != 0 or match is None:
-        raise BenchError(f"provisioner health failed (rc {result.returncode}): "
-                         f"{(result.stdout + result.stderr).strip()[-1500:]}")
-    return Sweep(wall, float(match.group(1)), match.group(0))
+def cli(stack: BenchStack, timeout: float) -> Timed:
+    return timed_command(stack, "health", SUMMARY, timeout)

@@ -6,30 +6,14 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass
 
-from bench.stack import VENV_BIN, BenchError, BenchStack, run
+from bench.stack import BenchStack, Timed, run, timed_command
 
 SUMMARY = re.compile(r"^nginx: (.*) in ([0-9.]+) s$", re.MULTILINE)
 
 
-@dataclass
-class Regen:
-    wall: float
-    inner: float
-    summary: str
-
-
-def cli(stack: BenchStack, timeout: float) -> Regen:
-    started = time.perf_counter()
-    result = run([str(VENV_BIN / "provisioner"), "nginx", "--timeout", str(timeout)],
-                 timeout=timeout, check=False, env=stack.env())
-    wall = time.perf_counter() - started
-    match = SUMMARY.search(result.stdout)
-    if result.returncode != 0 or match is None:
-        raise BenchError(f"provisioner nginx failed (rc {result.returncode}): "
-                         f"{(result.stdout + result.stderr).strip()[-1500:]}")
-    return Regen(wall, float(match.group(2)), match.group(0))
+def cli(stack: BenchStack, timeout: float) -> Timed:
+    return timed_command(stack, "nginx", SUMMARY, timeout)
 
 
 def nginx_t(stack: BenchStack, reps: int) -> list[float]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -24,9 +25,11 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
+from provisioner.testing import faults
 from provisioner.testing.stack import LocalNginx, free_port
 
 BASE_DOMAIN = "bench.test"
@@ -47,15 +50,33 @@ def log(message: str) -> None:
 
 def poll(condition: Callable[[], object], timeout: float, what: str,
          interval: float = 0.05):
-    """`condition()` until truthy, or BenchError once `timeout` seconds have passed."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise BenchError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
+    """The fault suite's poll, failing with a BenchError (the bench broke, exit 1)."""
+    try:
+        return faults.poll(condition, timeout, what, interval)
+    except AssertionError as exc:
+        raise BenchError(str(exc)) from None
+
+
+@dataclass
+class Timed:
+    """A `provisioner <command>` run: its wall time, the time its summary line gives."""
+
+    wall: float
+    inner: float
+    summary: str
+
+
+def timed_command(stack: BenchStack, command: str, summary: re.Pattern, timeout: float) -> Timed:
+    """Run `provisioner <command>`; its summary line's last group is its own seconds."""
+    started = time.perf_counter()
+    result = run([str(VENV_BIN / "provisioner"), command, "--timeout", str(timeout)],
+                 timeout=timeout, check=False, env=stack.env())
+    wall = time.perf_counter() - started
+    match = summary.search(result.stdout)
+    if result.returncode != 0 or match is None:
+        raise BenchError(f"provisioner {command} failed (rc {result.returncode}): "
+                         f"{(result.stdout + result.stderr).strip()[-1500:]}")
+    return Timed(wall, float(match.group(match.re.groups)), match.group(0))
 
 
 def run(argv: list[str], timeout: float = 600, check: bool = True,
