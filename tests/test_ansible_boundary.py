@@ -29,9 +29,6 @@ HOSTILE_NAMES = [
 # Writes what each store's role inputs turned into, through the real mapping
 # (group_vars/stores.yml) and the real batch registration (stores.yml).
 ECHO_PLAYBOOK = """\
-- name: Register the stores
-  ansible.builtin.import_playbook: stores.yml
-
 - name: Echo the role inputs
   hosts: stores
   gather_facts: false

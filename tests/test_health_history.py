@@ -11,11 +11,14 @@ from pony.orm import db_session
 
 from provisioner import maintenance
 from provisioner.ansible import operations
-from provisioner.ansible.runner import HostOutcome, RunResult
+from provisioner.ansible.runner import OUTCOMES_FACT, HostOutcome, RunResult
 from provisioner.models import HealthCheck, Instance, LogEntry, utcnow
 from provisioner.testing import stripe_events
 from provisioner.worker import Worker
 from tests.conftest import apply_events
+
+JUDGE = "Judge every store of the play at once."
+UNHEALTHY = "unhealthy: container running, HTTP 404"
 
 
 def running_store(config, name: str) -> int:
@@ -44,19 +47,22 @@ class SweepRunner:
         artifacts = config.ansible_runs_dir / ident / "artifacts" / ident
         (artifacts / "job_events").mkdir(parents=True)
         (artifacts / "stdout").write_text("PLAY RECAP\n")
-        for store in stores:
-            failed = store["name"] in self.sick
-            on_event({"event": "runner_on_failed" if failed else "runner_on_ok",
-                      "event_data": {"host": store["name"], "task": "Judge the store's health.",
-                                     "res": {"msg": "unhealthy: container running, HTTP 404"}
-                                     if failed else {"changed": False}}})
+        # health.yml judges every store in one task: one fact of verdicts.
+        on_event({"event": "runner_on_ok",
+                  "event_data": {"host": stores[0]["name"], "task": JUDGE,
+                                 "res": {"ansible_facts": {OUTCOMES_FACT: {
+                                     s["name"]: UNHEALTHY if s["name"] in self.sick else ""
+                                     for s in stores}}}}})
+        if self.sick:  # its run_once assert, on the play's first store
+            on_event({"event": "runner_on_failed",
+                      "event_data": {"host": stores[0]["name"], "task": "Fail when unhealthy.",
+                                     "res": {"msg": f"{len(self.sick)} stores unhealthy"}}})
         return RunResult(ident=ident, playbook=playbook,
                          status="failed" if self.sick else "successful", rc=2 if self.sick else 0,
                          artifact_dir=artifacts,
                          hosts={s["name"]: HostOutcome(
                              ok=s["name"] not in self.sick,
-                             error="unhealthy: container running, HTTP 404"
-                             if s["name"] in self.sick else None) for s in stores})
+                             error=UNHEALTHY if s["name"] in self.sick else None) for s in stores})
 
 
 def checks_of(store: int) -> list[tuple[bool, str | None]]:
@@ -106,7 +112,7 @@ def test_a_sweep_all_passed_leaves_no_artifacts_nor_task_logs(config, recorded_r
 
 def test_a_sweep_with_a_failure_keeps_its_artifacts_and_the_failure_in_the_log(
         config, recorded_runs):
-    running_store(config, "calm-shop")
+    calm = running_store(config, "calm-shop")  # first in the play: the run's failure lands on it
     store = running_store(config, "sick-shop")
     runs_before = set(config.ansible_runs_dir.glob("health-*"))
     operations.BACKEND = SweepRunner(sick={"sick-shop"})
@@ -115,9 +121,14 @@ def test_a_sweep_with_a_failure_keeps_its_artifacts_and_the_failure_in_the_log(
     finally:
         operations.BACKEND = recorded_runs
     with db_session:
-        tasks = [(e.instance.subdomain, e.outcome) for e in LogEntry.select(
-            lambda e: e.task == "Judge the store's health.")]
-        assert tasks == [("sick-shop", "failed")]
+        tasks = [(e.instance.subdomain, e.outcome, e.message) for e in LogEntry.select(
+            lambda e: e.task == JUDGE)]
+        assert tasks == [("sick-shop", "failed", f"{JUDGE}: failed: {UNHEALTHY}")]
+        sweep_logs = LogEntry.select(lambda e: e.ansible_run.playbook == "health.yml")[:]
+        assert not [e for e in sweep_logs if e.instance and e.instance.id == calm], \
+            "the run's own failure was pinned on the first store"
+        assert [e.message for e in sweep_logs if e.instance is None] == \
+            ["Fail when unhealthy.: failed: 1 stores unhealthy"]
     assert checks_of(store) == [(False, "restart")]
     kept = set(config.ansible_runs_dir.glob("health-*")) - runs_before
     assert len(kept) == 1 and (Path(kept.pop()) / "artifacts").is_dir()

@@ -35,9 +35,6 @@ exit 0
 # What a run killed (kill -9) between writing the vhosts and nginx's reload leaves behind:
 # the render step done, nothing after it.
 KILLED_RUN = """---
-- name: Register the stores handed over by the provisioner
-  ansible.builtin.import_playbook: stores.yml
-
 - name: Write the vhosts, then die before the reload
   hosts: stores
   gather_facts: false

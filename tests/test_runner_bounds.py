@@ -25,9 +25,6 @@ from provisioner.models import AnsibleRun
 from provisioner.testing.faults import live_processes
 
 NAP_PLAYBOOK = """\
-- name: Register the stores
-  ansible.builtin.import_playbook: stores.yml
-
 - name: Take a nap
   hosts: stores
   gather_facts: false

@@ -64,11 +64,17 @@ from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 from ansible.module_utils.basic import AnsibleModule  # noqa: E402
 
 
-def fetch(address: str, fqdn: str, path: str, timeout: int) -> dict:
-    host, _, port = address.rpartition(":")
-    context = ssl.create_default_context()
+def unverified_context() -> ssl.SSLContext:
+    """One for every request: making one loads the CA store (~20 ms of CPU each, which
+    made 500 stores cost 10 s of the sweep); nothing is verified anyway."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def fetch(address: str, fqdn: str, path: str, timeout: int, context: ssl.SSLContext) -> dict:
+    host, _, port = address.rpartition(":")
     connection = http.client.HTTPSConnection(host.strip("[]") or "127.0.0.1", int(port),
                                              timeout=timeout, context=context)
     try:
@@ -94,10 +100,11 @@ def main() -> None:
         supports_check_mode=True)
     params = module.params
     stores = params["stores"]
+    context = unverified_context()
     with ThreadPoolExecutor(max_workers=max(1, min(params["concurrency"], len(stores) or 1))) \
             as pool:
         results = pool.map(lambda fqdn: fetch(params["address"], str(fqdn), params["path"],
-                                              params["timeout"]), stores.values())
+                                              params["timeout"], context), stores.values())
         pages = dict(zip(stores, results, strict=True))
     module.exit_json(changed=False, pages=pages)
 

@@ -15,7 +15,13 @@ import shutil
 
 from pony.orm import db_session, flush, select
 
-from provisioner.ansible.runner import RunResult, artifact_dir, end_run_processes, new_ident
+from provisioner.ansible.runner import (
+    RunResult,
+    artifact_dir,
+    end_run_processes,
+    new_ident,
+    outcomes_of,
+)
 from provisioner.config import Config
 from provisioner.models import AnsibleRun, Instance, Job, LogEntry, utcnow
 from provisioner.redaction import redact
@@ -124,7 +130,11 @@ def recover_abandoned_runs(config: Config) -> list[str]:
 
 
 class _EventSink:
-    """Streams ansible-runner task events into the provisioning log as they happen."""
+    """Streams ansible-runner task events into the provisioning log as they happen.
+
+    A task that judges every store at once (runner.OUTCOMES_FACT) is logged as one
+    entry per store it failed; what the play does after it is the run's, no store's
+    (its run_once failure lands on whichever store was first)."""
 
     def __init__(self, run_id: int, hosts: dict[str, tuple[int, int]], secrets: list[str],
                  quiet: bool = False):
@@ -132,6 +142,7 @@ class _EventSink:
         self.hosts = hosts
         self.secrets = secrets
         self.quiet = quiet
+        self.judged = False
 
     def __call__(self, event: dict) -> None:
         if event.get("event") == "playbook_on_start" and event.get("pid"):
@@ -140,17 +151,26 @@ class _EventSink:
         if outcome is None:
             return
         data = event.get("event_data") or {}
-        host = data.get("host", "")
         res = data.get("res") or {}
+        verdicts = outcomes_of(event)
+        if verdicts:
+            self.judged = True
+            for store, verdict in verdicts.items():
+                if verdict or not self.quiet:
+                    self._log(store, data, "failed" if verdict else "ok", verdict)
+            return
         if outcome == "ok" and res.get("changed"):
             outcome = "changed"
         if self.quiet and outcome in ("ok", "skipped"):
             return
-        instance_id, job_id = self.hosts.get(host, (None, None))
-        message = f"{data.get('task', '')}: {outcome}"
+        detail = ""
         if outcome in ("failed", "unreachable"):
             detail = res.get("censored") or res.get("msg") or res.get("stderr") or ""
-            message += f": {detail}"
+        self._log(None if self.judged else data.get("host", ""), data, outcome, detail)
+
+    def _log(self, host: str | None, data: dict, outcome: str, detail: str) -> None:
+        instance_id, job_id = self.hosts.get(host, (None, None)) if host else (None, None)
+        message = f"{data.get('task', '')}: {outcome}" + (f": {detail}" if detail else "")
         try:
             with db_session:
                 LogEntry(level="error" if outcome in ("failed", "unreachable") else "info",

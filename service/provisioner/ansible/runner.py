@@ -35,7 +35,7 @@ from pathlib import Path
 
 from ansible_runner.interface import init_runner
 
-from provisioner.ansible.untrusted import extra_vars_yaml
+from provisioner.ansible.untrusted import extra_vars_yaml, stores_inventory_yaml
 from provisioner.config import Config
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,10 @@ CANCELED = "canceled"    # ... and of one its cancel callback ended
 # workers, the modules and what they start): how one cut off from the tree while
 # the run is being ended is still recognised.
 RUN_MARK = "PROVISIONER_ANSIBLE_RUN"
+# A fact a playbook that judges all its stores in one task sets (health.yml):
+# store name -> '' or why it failed. It is each named store's result, whatever
+# the host the judging task ran on did afterwards.
+OUTCOMES_FACT = "provisioner_outcomes"
 # How long an ended run's processes get between SIGTERM and SIGKILL.
 KILL_GRACE_SECONDS = 5.0
 # How often ansible-runner looks at the cancel callback and the timeout while
@@ -230,18 +234,33 @@ def _interruption(config: Config, runner, ident: str) -> str | None:
     return None
 
 
+def outcomes_of(event: dict) -> dict[str, str]:
+    """The verdicts an event sets (OUTCOMES_FACT), or none."""
+    if event.get("event") != "runner_on_ok":
+        return {}
+    res = (event.get("event_data") or {}).get("res") or {}
+    verdicts = (res.get("ansible_facts") or {}).get(OUTCOMES_FACT)
+    return {str(k): str(v or "") for k, v in verdicts.items()} if isinstance(verdicts, dict) else {}
+
+
 def _outcomes(stores: list[dict], runner, failures: dict[str, str],
-              interrupted: str | None = None) -> dict[str, HostOutcome]:
-    """Each store's result, from the run's stats and the failures seen in its events.
+              interrupted: str | None = None,
+              verdicts: dict[str, str] | None = None) -> dict[str, HostOutcome]:
+    """Each store's result, from the verdicts of a judging task if one named it, else
+    from the run's stats and the failures seen in its events.
 
     An interrupted run fails every store: none of them was seen to the end."""
     stats = runner.stats or {}
+    verdicts = verdicts or {}
     hosts: dict[str, HostOutcome] = {}
     for store in stores:
         name = store["name"]
         if interrupted is not None:
             earlier = f"; before that: {failures[name]}" if name in failures else ""
             hosts[name] = HostOutcome(ok=False, error=interrupted + earlier)
+            continue
+        if name in verdicts:
+            hosts[name] = HostOutcome(ok=not verdicts[name], error=verdicts[name] or None)
             continue
         failed = name in failures or name in (stats.get("failures") or {}) or \
             name in (stats.get("dark") or {})
@@ -363,12 +382,16 @@ def run_playbook(config: Config, playbook: str, stores: list[dict], secrets: dic
                  cancel: Callable[[], bool] | None = None) -> RunResult:
     """Run playbooks/<playbook> for the given stores in one ansible run."""
     ident = ident or new_ident(playbook)
+    inventory = stores_inventory_yaml(stores)
     private_dir, lock = _private_run_dir(config, ident)
     extravars_file = private_dir / "env" / "extravars"
     _write_private(extravars_file, extra_vars_yaml(
-        {**settings_vars(config), "provisioner_stores": stores,
-         "provisioner_secrets": secrets or {}, **(extra_vars or {})}))
+        {**settings_vars(config), "provisioner_secrets": secrets or {}, **(extra_vars or {})}))
+    # The run's stores, as hosts of group `stores` (kept with the artifacts: no secret).
+    stores_inventory = private_dir / "stores.yml"
+    _write_private(stores_inventory, inventory)
     failures: dict[str, str] = {}
+    verdicts: dict[str, str] = {}
 
     def event_handler(event: dict) -> bool:
         if event.get("event") == "playbook_on_start":
@@ -379,6 +402,7 @@ def run_playbook(config: Config, playbook: str, stores: list[dict], secrets: dic
             if not data.get("ignore_errors"):
                 # The last failure is the one that stopped the host (rescues come first).
                 failures[data.get("host", "?")] = _error_of(event)
+        verdicts.update(outcomes_of(event))
         if on_event is not None:
             on_event(event)
         return True
@@ -389,8 +413,9 @@ def run_playbook(config: Config, playbook: str, stores: list[dict], secrets: dic
             timeout=config.run_timeout_seconds, settings={"pexpect_timeout": POLL_SECONDS},
             cancel_callback=_cancel_callback(cancel),
             playbook=str(config.playbooks_dir / playbook),
-            # The Docker hosts only: the stores of this run come as provisioner_stores.
-            inventory=str(config.inventory_file), limit=limit, forks=config.ansible_forks,
+            # The Docker hosts, and this run's stores.
+            inventory=[str(config.inventory_file), str(stores_inventory)], limit=limit,
+            forks=config.ansible_forks,
             envvars={
                 "ANSIBLE_CONFIG": str(config.project_dir / "ansible.cfg"),
                 "ANSIBLE_ROLES_PATH": str(config.project_dir / "roles"),
@@ -415,4 +440,4 @@ def run_playbook(config: Config, playbook: str, stores: list[dict], secrets: dic
     return RunResult(ident=ident, playbook=playbook, status=runner.status, rc=runner.rc,
                      artifact_dir=Path(runner.config.artifact_dir),
                      hosts=_outcomes(stores, runner, failures,
-                                     _interruption(config, runner, ident)))
+                                     _interruption(config, runner, ident), verdicts))

@@ -10,6 +10,7 @@ JSON of an inventory script. Ansible then uses it verbatim.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import yaml
@@ -42,6 +43,22 @@ def extra_vars_yaml(variables: dict) -> str:
     """Extra vars for `ansible-playbook -e @file`, every string tagged !unsafe."""
     return yaml.dump(_wrap(variables, as_json=False), Dumper=_Dumper, default_flow_style=False,
                      sort_keys=True, allow_unicode=True)
+
+
+# What an inventory host name may be (a store's subdomain is always one): it is a
+# key, written as is, never marked.
+HOST_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+
+
+def stores_inventory_yaml(stores: list[dict]) -> str:
+    """A YAML inventory of a run's stores: each a host of group `stores` whose one
+    variable is its record (every string tagged !unsafe). Ansible reads a static
+    inventory in one go, where adding hosts from a play cost ~7 ms per store."""
+    for store in stores:
+        if not HOST_NAME.fullmatch(str(store["name"])):
+            raise ValueError(f"not a store name: {store['name']!r}")
+    return extra_vars_yaml(
+        {"stores": {"hosts": {store["name"]: {"provisioner_store": store} for store in stores}}})
 
 
 def inventory_json_value(value: Any) -> Any:

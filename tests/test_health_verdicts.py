@@ -1,0 +1,53 @@
+"""health.yml judges every store in one pass (playbooks/filter_plugins/store_health.py):
+each store's verdict from its Docker host's container listing and its page through
+nginx, with the role's rule for which container is ours."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+PLUGIN = Path(__file__).resolve().parents[1] / "playbooks" / "filter_plugins" / "store_health.py"
+_spec = importlib.util.spec_from_file_location("store_health", PLUGIN)
+store_health = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(store_health)
+
+US = "inst-us"
+
+
+def store(name: str, instance_id: int, engine: str = "localhost") -> dict:
+    return {"store_docker_host": engine, "ebuilder_instance_subdomain": name,
+            "ebuilder_instance_id": instance_id, "ebuilder_instance_installation_id": US}
+
+
+def container(name: str, instance_id: int, state: str = "running", **labels) -> dict:
+    return {"Names": [f"/ebuilder_{name}"], "State": state,
+            "Labels": {"ebuilder.managed": "true", "ebuilder.instance_id": str(instance_id),
+                       "ebuilder.installation": US, **labels}}
+
+
+def test_each_store_gets_its_own_verdict():
+    hostvars = {"ok": store("ok", 1), "down": store("down", 2), "gone": store("gone", 3),
+                "theirs": store("theirs", 4), "old": store("old", 5), "blank": store("blank", 6),
+                "far": store("far", 7, engine="h2")}
+    old = container("old", 5)
+    del old["Labels"]["ebuilder.installation"]
+    listings = {"results": [
+        {"item": "localhost", "containers": [
+            container("ok", 1), container("down", 2, state="exited"),
+            container("theirs", 4, **{"ebuilder.installation": "inst-other"}), old,
+            container("blank", 6)]},
+        {"item": "h2", "failed": True, "msg": "Error connecting: refused"}]}
+    pages = {"results": [{"item": "localhost", "pages": {
+        "ok": {"status": 200}, "down": {"status": 502}, "gone": {"status": 404},
+        "theirs": {"status": 200}, "old": {"status": 200}}}]}
+    verdicts = store_health.health_verdicts(hostvars, list(hostvars), listings, pages)
+    assert verdicts == {
+        "ok": "",
+        "down": "unhealthy: container exited, HTTP 502",
+        "gone": "unhealthy: container missing, HTTP 404",
+        "theirs": "unhealthy: container not ours (installation inst-other), HTTP 200",
+        "old": "",
+        "blank": "unhealthy: container running, HTTP -1",
+        "far": "unhealthy: cannot read containers on h2: Error connecting: refused",
+    }
