@@ -237,11 +237,17 @@ def _measure(args, stack: BenchStack, report: Report, t, service: memory.Sampler
     with service.phase("converge"):
         singles = [converge.converge(stack, batch[:1])[0] for _ in range(floor_reps)]
         seconds, changed = converge.converge(stack, batch)
+        forced = batch[:min(count, 5)]
+        through_roles, _ = converge.converge(stack, forced, every_store=True)
     t(Row(f"converge {count} unchanged stores (one run)", seconds, med(singles),
           goal="<= 2x floor", check=ratio_at_most(2)))
     t(Row(f"converge: time per store ({count} stores)", seconds / count, med(singles)))
+    t(Row(f"converge: time per store through the roles ({len(forced)} stores)",
+          through_roles / len(forced), seconds / count))
     report.note(f"converge: {changed} of {count} stores changed (0 expected); floor: the "
-                f"same playbook over one store, {spread(singles)}")
+                f"same playbook over one store, {spread(singles)}; 'through the roles' is "
+                "provision_every_store=true (no store left alone), its floor the checked "
+                "time per store")
 
     # 6. nginx regeneration over N vhosts.
     log(f"provisioner nginx over {n} vhosts: nginx -t x{args.reps}, then the command")
