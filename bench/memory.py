@@ -20,7 +20,11 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 
 def _children(pid: int) -> list[int]:
     found = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:  # the process ended while the tree was read
+        return found
+    for task in tasks:
         with contextlib.suppress(OSError, ValueError):
             found += [int(c) for c in (task / "children").read_text().split()]
     return found

@@ -63,19 +63,3 @@ def test_stores_are_grouped_by_nginx_host_in_play_order():
     assert [r["name"] for r in groups["h1"]["rendered"]] == ["c.conf", "a.conf"]
     assert groups["h1"]["pruned"] == [{"name": "old.conf"}]
 
-
-def test_the_in_memory_rendering_takes_every_per_store_input_of_the_vhost():
-    """in_step.yml renders each store's vhost with its own inputs over the running
-    host's; an input left out would take the first store's value, and a store whose
-    file was rendered with that value would pass while its own value is not applied."""
-    import yaml
-
-    root = Path(__file__).resolve().parents[1]
-    per_store = {name for name in yaml.safe_load(
-        (root / "playbooks" / "group_vars" / "stores.yml").read_text())
-        if name.startswith("nginx_site_")}
-    task = yaml.safe_load((root / "roles" / "nginx_site" / "tasks" / "in_step.yml").read_text())[0]
-    rendered = task["ansible.builtin.set_fact"]["nginx_site_expected_one"]
-    overridden = {name for name in per_store if f"'{name}': hostvars[item].{name}" in rendered}
-    # nginx_site_host says where the vhost lives, not what is in it.
-    assert overridden == per_store - {"nginx_site_host"}, per_store
