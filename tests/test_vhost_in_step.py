@@ -63,3 +63,15 @@ def test_stores_are_grouped_by_nginx_host_in_play_order():
     assert [r["name"] for r in groups["h1"]["rendered"]] == ["c.conf", "a.conf"]
     assert groups["h1"]["pruned"] == [{"name": "old.conf"}]
 
+
+
+def test_a_vhost_run_ends_the_in_step_stores_but_one_per_host_whose_every_store_is():
+    every_one = listing({}, ["a", "b", "c"])
+    some = {"item": ["edge-2", [{"name": s} for s in ("d", "e", "f")]]}
+    unlisted = {"item": ["edge-3", [{"name": "g"}]], "failed": True}
+    left = filters.nginx_site_left_alone(
+        [every_one, some, unlisted],
+        {"a": "", "b": "", "c": "", "d": "", "e": "vhost differs", "f": "",
+         "g": "vhosts not listed"})
+    # localhost's first store stays to prune and reload; on edge-2, e goes through the role.
+    assert left == ["b", "c", "d", "f"]

@@ -74,3 +74,52 @@ def test_only_the_stores_that_differ_go_through_the_roles(service):
             "provision_every_store=true did not run the roles"
     finally:
         service.paused.clear()
+
+
+VHOSTS = ("vh-a", "vh-b", "vh-c")
+RENDER_TASK = "Render the vhost."
+RELOAD_TASK = "Reload nginx."
+
+
+def regenerate(service, **extra_vars):
+    """Operation.NGINX over VHOSTS, and the stores each task ran for."""
+    with db_session:
+        stores = [of_instance(Instance.get(subdomain=n, live=True)) for n in VHOSTS]
+    result = operations.run(service.config, Operation.NGINX, stores, extra_vars=extra_vars)
+    assert all(h.ok for h in result.hosts.values()), result.hosts
+    ran: dict[str, set] = {}
+    for path in (result.artifact_dir / "job_events").glob("*.json"):
+        event = json.loads(path.read_text())
+        data = event.get("event_data") or {}
+        if event.get("event") == "runner_on_ok" and data.get("host"):
+            ran.setdefault(data.get("task"), set()).add(data["host"])
+    return result, ran
+
+
+def test_a_vhost_run_renders_only_what_differs_and_still_prunes_once_per_host(service):
+    provision(service, *VHOSTS)
+    service.paused.set()
+    try:
+        result, ran = regenerate(service)
+        # One store stays for the host's removals and reload; nothing to reload.
+        assert len(ran.get(RENDER_TASK, set())) == 1, ran.get(RENDER_TASK)
+        assert RELOAD_TASK not in ran
+        assert not any(h.changed for h in result.hosts.values())
+
+        edited = vhost(service, "vh-b")
+        rendered = edited.read_text()
+        edited.write_text(rendered + "# edited by hand\n")
+        gone = vhost(service, "vh-gone")
+        gone.write_text(rendered.replace("vh-b.", "vh-gone."))
+        result, ran = regenerate(service)
+        assert ran.get(RENDER_TASK) == {"vh-b"}
+        assert ran.get(RELOAD_TASK) == {"vh-b"}
+        assert edited.read_text() == rendered
+        assert not gone.exists() and not gone.with_name(gone.name + ".removed").exists()
+        for name in VHOSTS:
+            assert https_request(service.nginx, f"{name}.stores.test", "/health/")[0] == 200
+
+        result, ran = regenerate(service, nginx_every_vhost=True)
+        assert ran.get(RENDER_TASK) == set(VHOSTS)
+    finally:
+        service.paused.clear()

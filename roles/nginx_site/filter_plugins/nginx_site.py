@@ -1,6 +1,7 @@
 """Per nginx host, in one pass: the stores of a play (every store finding its peers
-on its own cost O(n²) and made `provisioner nginx` of 200 vhosts take minutes), and
-which of them have their vhost in step (tasks/in_step.yml)."""
+on its own cost O(n²) and made `provisioner nginx` of 200 vhosts take minutes),
+which of them have their vhost in step (tasks/in_step.yml), and which of those a
+run over vhosts can leave alone."""
 
 from __future__ import annotations
 
@@ -52,6 +53,21 @@ def nginx_site_in_step(listings: list[dict], stamp: str, catchall: str) -> dict:
     return verdicts
 
 
+def nginx_site_left_alone(listings: list[dict], verdicts: dict) -> list[str]:
+    """The stores whose vhost is in step and that a run over vhosts alone
+    (playbooks/nginx.yml) can end, in play order. Where every store of an nginx
+    host is in step, its first stays: that host still needs one store to remove the
+    vhosts of stores that are gone and to reload nginx without them (prune.yml,
+    apply.yml)."""
+    ended = []
+    for listing in listings:
+        stores = [store["name"] for store in listing["item"][1]]
+        in_step = [name for name in stores if verdicts.get(name) == ""]
+        ended.extend(in_step[1:] if len(in_step) == len(stores) else in_step)
+    return ended
+
+
 class FilterModule:
     def filters(self):
-        return {"nginx_site_groups": nginx_site_groups, "nginx_site_in_step": nginx_site_in_step}
+        return {"nginx_site_groups": nginx_site_groups, "nginx_site_in_step": nginx_site_in_step,
+                "nginx_site_left_alone": nginx_site_left_alone}
