@@ -61,7 +61,7 @@ class SweepRunner:
                          status="failed" if self.sick else "successful", rc=2 if self.sick else 0,
                          artifact_dir=artifacts,
                          hosts={s["name"]: HostOutcome(
-                             ok=s["name"] not in self.sick,
+                             ok=s["name"] not in self.sick, judged=True,
                              error=UNHEALTHY if s["name"] in self.sick else None) for s in stores})
 
 
@@ -151,3 +151,39 @@ def test_the_public_status_dates_the_last_sweep_by_its_latest_check(config):
     with db_session:
         assert admin.public_status()["last_health_sweep"] == \
             latest.isoformat(timespec="seconds") + "Z"
+
+
+class BrokenSweep:
+    """A health run whose judge never ran (a bad playbook, a killed run): every store
+    failed with the run's own error and no verdict. Anything else it runs counts."""
+
+    def __init__(self):
+        self.other_runs = []
+
+    def __call__(self, config, playbook, stores, secrets=None, on_event=None, ident=None,
+                 **kwargs):
+        if playbook != "health.yml":
+            self.other_runs.append(playbook)
+        artifacts = config.ansible_runs_dir / ident / "artifacts" / ident
+        (artifacts / "job_events").mkdir(parents=True)
+        (artifacts / "stdout").write_text("ERROR! template error while templating string\n")
+        return RunResult(ident=ident, playbook=playbook, status="failed", rc=4,
+                         artifact_dir=artifacts,
+                         hosts={s["name"]: HostOutcome(ok=False, error="template error")
+                                for s in stores})
+
+
+def test_a_sweep_that_broke_before_its_verdicts_restarts_nothing(config, recorded_runs):
+    store = running_store(config, "unjudged-shop")
+    broken = BrokenSweep()
+    operations.BACKEND = broken
+    try:
+        report = maintenance.health_sweep(config)
+    finally:
+        operations.BACKEND = recorded_runs
+    assert report.failed
+    assert report.lines == ["unjudged-shop: not judged, left alone: template error"]
+    assert broken.other_runs == [], "a broken sweep restarted stores"
+    assert checks_of(store) == []
+    with db_session:
+        assert Instance[store].health_failures == 0

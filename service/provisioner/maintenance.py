@@ -105,7 +105,8 @@ def report_destroyed(report: Report) -> int:
 
 def health_sweep(config: Config, progress: Progress = _quiet) -> Report:
     """Check every running store through nginx; restart a newly unhealthy one once,
-    alert the admin after HEALTH_ALERT_AFTER failures in a row."""
+    alert the admin after HEALTH_ALERT_AFTER failures in a row. Only the judge's
+    verdict on a store counts: a sweep that broke around it changes no store."""
     report = Report("health", counts={"healthy": 0, "unhealthy": 0})
     started = time.perf_counter()
     with db_session:
@@ -123,6 +124,13 @@ def health_sweep(config: Config, progress: Progress = _quiet) -> Report:
                 instance.health_failures = 0
                 _record_healthy(instance)
                 report.counts["healthy"] = report.counts.get("healthy", 0) + 1
+                continue
+            if not outcome.judged:
+                # The sweep broke before its judge said anything of this store (a bad
+                # playbook, a killed run): restarting the whole fleet would not help.
+                report.counts["not judged"] = report.counts.get("not judged", 0) + 1
+                report.lines.append(f"{store.name}: not judged, left alone: {outcome.error}")
+                report.failed = True
                 continue
             instance.health_failures += 1
             check = HealthCheck(instance=instance, ok=False, detail=outcome.error)

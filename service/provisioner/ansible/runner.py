@@ -67,6 +67,9 @@ class HostOutcome:
     ok: bool
     changed: int = 0
     error: str | None = None
+    # A judging task named this store (OUTCOMES_FACT): its result is a verdict on the
+    # store itself, not the run failing around it.
+    judged: bool = False
 
     @property
     def conflict(self) -> bool:
@@ -260,7 +263,8 @@ def _outcomes(stores: list[dict], runner, failures: dict[str, str],
             hosts[name] = HostOutcome(ok=False, error=interrupted + earlier)
             continue
         if name in verdicts:
-            hosts[name] = HostOutcome(ok=not verdicts[name], error=verdicts[name] or None)
+            hosts[name] = HostOutcome(ok=not verdicts[name], error=verdicts[name] or None,
+                                      judged=True)
             continue
         failed = name in failures or name in (stats.get("failures") or {}) or \
             name in (stats.get("dark") or {})
