@@ -74,6 +74,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="stores for one-run-each vs batched (5; quick 0 = skip)")
     parser.add_argument("--no-during-sweep", action="store_true",
                         help="skip the webhook latency during a health sweep")
+    parser.add_argument("--forks", type=int,
+                        help="the service's ANSIBLE_FORKS (its default when not given)")
     parser.add_argument("--keep", action="store_true",
                         help="keep the work dir (logs, DB, ansible artifacts) after the run")
     args = parser.parse_args(argv)
@@ -210,7 +212,7 @@ def _measure(args, stack: BenchStack, report: Report, t, service: memory.Sampler
           goal="<= 3x floor", check=ratio_at_most(3)))
     report.note(f"health sweep: `{sweep.summary}` inside the command (wall "
                 f"{sweep.wall:.1f} s includes its start-up); floor: parallel GETs, "
-                f"{stack.config.ansible_forks} threads, {spread(floors)}")
+                f"{health_sweep.FLOOR_WIDTH} threads, {spread(floors)}")
 
     # 1b. Webhooks while the service's own worker sweeps.
     if not args.no_during_sweep:
@@ -332,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     code = 0
     try:
         preflight()
-        stack = BenchStack(keep=args.keep).start()
+        stack = BenchStack(keep=args.keep, forks=args.forks).start()
         measure(args, stack, report)
     except BenchError as exc:
         log(f"BROKEN: {exc}")

@@ -141,8 +141,9 @@ class PortPool:
 
 
 class BenchStack:
-    def __init__(self, keep: bool = False):
+    def __init__(self, keep: bool = False, forks: int | None = None):
         self.keep = keep
+        self.forks = forks
         token = secrets.token_hex(3)
         self.installation_id = f"bench-{token}"
         # Every subdomain of this run starts with it: container names are engine-wide.
@@ -199,6 +200,7 @@ class BenchStack:
             "PROVISIONER_ADMIN_PASSWORD": self.admin_password,
             "PROVISIONER_PUBLIC_URL": self.service_url,
             "PROVISIONER_ENV_FILE": str(self.work / "none.env"),
+            **({"ANSIBLE_FORKS": str(self.forks)} if self.forks else {}),
         }
 
     def env(self) -> dict[str, str]:

@@ -88,7 +88,7 @@ def test_readme_settings_table_is_the_settings_table():
     assert readme[start:end] == settings_table()
     # One row per Config field that a variable sets; each variable once.
     fields = {f.name for f in dataclasses.fields(Config)} - {
-        "project_dir", "worker_poll_seconds", "ansible_forks"}
+        "project_dir", "worker_poll_seconds"}
     assert {s.field for s in SETTINGS} == fields
     assert len({s.env for s in SETTINGS}) == len(SETTINGS)
 

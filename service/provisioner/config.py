@@ -91,6 +91,7 @@ class Config:
     run_timeout_seconds: int
     stop_grace_seconds: int
     ansible_mitogen: bool
+    ansible_forks: int
     welcome_alert_after_minutes: int
     smtp_timeout_seconds: int
     server_threads: int
@@ -104,7 +105,6 @@ class Config:
     # Not settings: where the project is, and the worker's pace.
     project_dir: Path = PROJECT_DIR
     worker_poll_seconds: float = 1.0
-    ansible_forks: int = 10
 
     @property
     def database_path(self) -> Path:

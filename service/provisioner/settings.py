@@ -202,6 +202,11 @@ SETTINGS: tuple[Setting, ...] = (
     S("ANSIBLE_MITOGEN", "ansible_mitogen", True, boolean,
       "run playbooks with Mitogen's strategy (module calls in kept-alive interpreters, about "
       "twice as fast); false: Ansible's own `linear`"),
+    S("ANSIBLE_FORKS", "ansible_forks", 4, integer(1, 500),
+      "stores an ansible run works on at once, each in a forked copy of ansible-playbook "
+      "(~60 MB of RSS, much of it shared). On 2 CPUs a burst of 20 signups took as long "
+      "with 2, 4 or 10 (49-53 s), at a peak of 491, 555, 914 MB; raise it for slow (SSH) "
+      "Docker hosts"),
     S("STOP_GRACE_SECONDS", "stop_grace_seconds", 20, integer(0, 3600),
       "on SIGTERM, how long a running playbook may finish before it is cancelled"),
     S("WELCOME_ALERT_AFTER_MINUTES", "welcome_alert_after_minutes", 30, integer(1, 10080),

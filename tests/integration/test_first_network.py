@@ -22,8 +22,9 @@ def networks_named(name: str) -> list[str]:
 def test_a_batch_of_five_first_stores_makes_exactly_one_network(service):
     network = f"ebuilder_first_{secrets.token_hex(4)}"
     # Ansible's own linear strategy (a sysadmin's plain run), where the stores' module
-    # calls really run in parallel forks: the old role left 4 networks here.
-    config = dataclasses.replace(service.config, container_network=network, ansible_mitogen=False)
+    # calls really run in parallel forks, one per store: the old role left 4 networks here.
+    config = dataclasses.replace(service.config, container_network=network, ansible_mitogen=False,
+                                 ansible_forks=5)
     stores = [StoreVars(name=f"first-{n}", instance_id=f"first-{n}", site_name=f"First {n}",
                         admin_email=f"first{n}@example.com", port=free_port(),
                         docker_host="localhost") for n in range(5)]
