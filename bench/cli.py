@@ -241,9 +241,14 @@ def _measure(args, stack: BenchStack, report: Report, t, service: memory.Sampler
         seconds, changed = converge.converge(stack, batch)
         forced = batch[:min(count, 5)]
         through_roles, _ = converge.converge(stack, forced, every_store=True)
+        # Time per store should stay flat as the batch grows: the whole fleet too.
+        whole = converge.converge(stack, running[:n])[0] if n > count else None
     t(Row(f"converge {count} unchanged stores (one run)", seconds, med(singles),
           goal="<= 2x floor", check=ratio_at_most(2)))
     t(Row(f"converge: time per store ({count} stores)", seconds / count, med(singles)))
+    if whole is not None:
+        t(Row(f"converge: time per store, whole fleet ({n} stores)", whole / n,
+              seconds / count, goal="- (floor: per store at the smaller batch)"))
     t(Row(f"converge: time per store through the roles ({len(forced)} stores)",
           through_roles / len(forced), seconds / count))
     report.note(f"converge: {changed} of {count} stores changed (0 expected); floor: the "
