@@ -276,8 +276,16 @@ def _measure(args, stack: BenchStack, report: Report, t, service: memory.Sampler
         api, raw, total = admin_list.timings(stack, query, args.api_reps)
         t(Row(f"{label}, {total} of {n}+ stores", med(api), med(raw),
               goal="< 200 ms", check=below(0.2)))
-    report.note(f"admin API: median of {args.api_reps} requests each; floor: the same "
-                "query in raw sqlite3 behind Bottle/cheroot (floor_app.py)")
+    for label, path in (("admin dashboard page", "/admin/"),
+                        ("admin store list page", "/admin/instances/")):
+        page, raw = admin_list.page_timings(stack, path, args.api_reps)
+        t(Row(f"{label}, {n}+ stores", med(page), med(raw), goal="< 200 ms", check=below(0.2)))
+    stats, bare = admin_list.stats_timings(stack, args.reps)
+    t(Row(f"provisioner stats, {n}+ stores", med(stats), med(bare),
+          goal="- (floor: provisioner --help)"))
+    report.note(f"admin API and pages: median of {args.api_reps} requests each; floor: the "
+                "first page of the same list in raw sqlite3 behind Bottle/cheroot "
+                "(floor_app.py)")
 
     # 8. Disk per store.
     live = _live_stores()
