@@ -32,15 +32,15 @@ def _stop_on_signals(stop: threading.Event) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Web service, worker and scheduler in one process."""
+    """Web service and scheduler, with the worker in a process of its own."""
     from provisioner import scheduler
     from provisioner.web import create_app
     from provisioner.web.server import make_server
-    from provisioner.worker import serve_worker
+    from provisioner.worker_process import supervise
 
     config = _configure()
     stop, wake = threading.Event(), threading.Event()
-    worker = None if args.no_worker else serve_worker(config, stop, wake)
+    worker = None if args.no_worker else supervise(stop, wake, config.stop_grace_seconds)
     scheduler.run(config, stop, wake)
     server = make_server(config, create_app(config, wake=wake), args.host, args.port)
     _stop_on_signals(stop)
@@ -56,13 +56,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    """The worker alone, for running it apart from the web service."""
+    """The worker alone: run apart from the web service, or started by `serve`."""
     from provisioner.worker import Worker
+    from provisioner.worker_process import follow_parent
 
     config = _configure()
-    stop = threading.Event()
+    stop, wake = threading.Event(), threading.Event()
     _stop_on_signals(stop)
-    Worker(config).run_forever(stop)
+    if args.wake_fd is not None:
+        follow_parent(args.wake_fd, args.parent_pid, stop, wake)
+    Worker(config, wake, stop).run_forever(stop)
     return 0
 
 
@@ -284,13 +287,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="provisioner", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="web service + worker in one process")
+    serve = sub.add_parser("serve", help="web service + scheduler, and the worker beside it")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--no-worker", action="store_true",
                        help="web and scheduler only (a `provisioner worker` runs apart)")
     serve.set_defaults(func=cmd_serve)
     worker = sub.add_parser("worker", help="run the job worker only")
+    # Given by `serve` when it starts the worker (provisioner.worker_process).
+    worker.add_argument("--wake-fd", type=int, help=argparse.SUPPRESS)
+    worker.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
     worker.set_defaults(func=cmd_worker)
     for name, text in (("health", "check every running store; restart once, then alert"),
                        ("sync", "compare Docker with the DB and correct"),

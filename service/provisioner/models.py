@@ -13,6 +13,7 @@ import logging
 import os
 import secrets
 import sqlite3
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlparse
@@ -364,6 +365,33 @@ def database_busy(exc: BaseException) -> bool:
                     if isinstance(info, tuple) and len(info) == 3]
     return False
 
+
+# How long what already happened outside (an email sent, a run ended) is retried
+# into a busy or full database before it is given up (and logged).
+RECORD_PATIENCE_SECONDS = 600
+
+
+def record_durably(work, patience: float = RECORD_PATIENCE_SECONDS) -> bool:
+    """Write what already happened outside the database (an email sent, a run ended):
+    keep trying while the database is busy or full, so it is never done twice nor left
+    looking unfinished. False when the patience ran out; any other error is raised."""
+    deadline = time.monotonic() + patience
+    delay = 0.2
+    while True:
+        try:
+            with db_session:
+                work()
+            return True
+        except Exception as exc:
+            if not database_busy(exc):
+                raise  # not the database being busy or full: retrying cannot help
+            if time.monotonic() > deadline:
+                log.exception("gave up recording what already happened")
+                return False
+            log.warning("database unwritable while recording what already happened; "
+                        "trying again")
+            time.sleep(delay)
+            delay = min(delay * 2, 5)
 
 
 def private_dir(path: Path) -> Path:

@@ -58,8 +58,6 @@ NEW_STORES: dict[str, bool] = {"ansible": False, "signups": True}
 # runs), at most this far apart.
 EMAIL_BACKOFF_CAP = timedelta(minutes=15)
 EMAIL_BACKOFF_FLOOR = timedelta(seconds=2)
-# How long the worker keeps trying to record a send that did happen.
-RECORD_PATIENCE_SECONDS = 600
 
 
 def recover_abandoned(config: Config | None = None) -> int:
@@ -247,25 +245,10 @@ class Worker:
                                      detail=redact(detail, self._secrets_of([instance])))
 
     def _record_durably(self, work: Callable[[], object]) -> None:
-        """Record what already happened outside (an email sent, a run ended): keep trying
-        while the database is busy or full, so the job is never run, and the email never
-        sent, twice, and never held for its whole lease."""
-        deadline = time.monotonic() + RECORD_PATIENCE_SECONDS
-        delay = 0.2
-        while True:
-            try:
-                with db_session:
-                    work()
-                return
-            except Exception as exc:
-                if not models.database_busy(exc):
-                    raise  # not the database being busy or full: retrying cannot help
-                if time.monotonic() > deadline:
-                    log.exception("could not record a finished job; it may run again")
-                    return
-                log.warning("database unwritable while recording a finished job; trying again")
-                time.sleep(delay)
-                delay = min(delay * 2, 5)
+        """Record what already happened outside (an email sent, a run ended), however
+        long the database is busy, so the job is never run, and the email never sent,
+        twice, and never held for its whole lease."""
+        models.record_durably(work)
 
     @staticmethod
     def _quietly(work: Callable[[], object]) -> None:
@@ -442,7 +425,9 @@ class Pause:
 
 def serve_worker(config: Config, stop: threading.Event, wake: threading.Event,
                  paused: Pause | None = None) -> threading.Thread:
-    """The worker in a thread of `serve`; join it after `stop` for a graceful stop."""
+    """The worker in a thread of this process (a service in one process, as the
+    integration tests run it, pausing it at will); join it after `stop` for a graceful
+    stop. `serve` runs it as a process of its own (worker_process)."""
     thread = threading.Thread(target=Worker(config, wake, stop).run_forever,
                               args=(stop, paused), name="provisioner-worker", daemon=True)
     thread.start()

@@ -23,7 +23,7 @@ from provisioner.ansible.runner import (
     outcomes_of,
 )
 from provisioner.config import Config
-from provisioner.models import AnsibleRun, Instance, Job, LogEntry, utcnow
+from provisioner.models import AnsibleRun, Instance, Job, LogEntry, record_durably, utcnow
 from provisioner.redaction import redact
 
 log = logging.getLogger(__name__)
@@ -74,18 +74,25 @@ def recorded_run(config: Config, playbook: str, stores: list[dict], secrets: dic
                         **({"cancel": cancel} if cancel is not None else {}),
                         **({"extra_vars": extra_vars} if extra_vars else {}))
     except BaseException:  # KeyboardInterrupt and SystemExit too: never left `running`
-        with db_session:
-            AnsibleRun[run_id].status = "error"
-            AnsibleRun[run_id].finished_at = utcnow()
+        record_durably(lambda: _finished(run_id, "error"))
         raise
-    with db_session:
-        run = AnsibleRun[run_id]
-        run.status, run.rc, run.finished_at = result.status, result.rc, utcnow()
-        run.artifact_dir = str(result.artifact_dir)
+    # The run happened: its end is recorded however long the database is busy.
+    record_durably(lambda: _finished(run_id, result.status, result.rc,
+                                     str(result.artifact_dir)))
     result.run_id = run_id
     if quiet and result.status == "successful" and all(h.ok for h in result.hosts.values()):
         shutil.rmtree(config.ansible_runs_dir / ident, ignore_errors=True)
     return result
+
+
+def _finished(run_id: int, status: str, rc: int | None = None,
+              artifacts: str | None = None) -> None:
+    run = AnsibleRun[run_id]
+    run.status, run.finished_at = status, utcnow()
+    if rc is not None:
+        run.rc = rc
+    if artifacts is not None:
+        run.artifact_dir = artifacts
 
 
 def _run_dir_in_use(config: Config, ident: str) -> bool:
