@@ -371,7 +371,8 @@ def database_busy(exc: BaseException) -> bool:
 RECORD_PATIENCE_SECONDS = 600
 
 
-def record_durably(work, patience: float = RECORD_PATIENCE_SECONDS) -> bool:
+def record_durably(work, what: str, logger: logging.Logger = log,
+                   patience: float = RECORD_PATIENCE_SECONDS) -> bool:
     """Write what already happened outside the database (an email sent, a run ended):
     keep trying while the database is busy or full, so it is never done twice nor left
     looking unfinished. False when the patience ran out; any other error is raised."""
@@ -386,10 +387,9 @@ def record_durably(work, patience: float = RECORD_PATIENCE_SECONDS) -> bool:
             if not database_busy(exc):
                 raise  # not the database being busy or full: retrying cannot help
             if time.monotonic() > deadline:
-                log.exception("gave up recording what already happened")
+                logger.exception("gave up recording %s", what)
                 return False
-            log.warning("database unwritable while recording what already happened; "
-                        "trying again")
+            logger.warning("database unwritable while recording %s; trying again", what)
             time.sleep(delay)
             delay = min(delay * 2, 5)
 

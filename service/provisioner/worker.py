@@ -248,7 +248,7 @@ class Worker:
         """Record what already happened outside (an email sent, a run ended), however
         long the database is busy, so the job is never run, and the email never sent,
         twice, and never held for its whole lease."""
-        models.record_durably(work)
+        models.record_durably(work, "a finished job", log)
 
     @staticmethod
     def _quietly(work: Callable[[], object]) -> None:

@@ -71,8 +71,9 @@ def test_service_disk_full_refuses_webhooks_without_500_and_loses_nothing(stack,
         poll(lambda: not processes_mentioning(run["ident"]), RUN_DEADLINE,
              "the run caught by the full disk to end")
         # The worker deals with the run's end while the disk is still full (its log
-        # says so, as the DB cannot).
-        poll(lambda: "provisioner.worker" in log_since(service, log_from), 30,
+        # says so, as the DB cannot): it keeps trying to record it.
+        poll(lambda: any(mark in log_since(service, log_from) for mark in (
+            "provisioner.worker", f"recording the end of ansible run {run['ident']}")), 30,
              "the worker to handle the end of the run")
         assert service.running(), service.log_tail()
     finally:

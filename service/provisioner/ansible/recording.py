@@ -74,11 +74,12 @@ def recorded_run(config: Config, playbook: str, stores: list[dict], secrets: dic
                         **({"cancel": cancel} if cancel is not None else {}),
                         **({"extra_vars": extra_vars} if extra_vars else {}))
     except BaseException:  # KeyboardInterrupt and SystemExit too: never left `running`
-        record_durably(lambda: _finished(run_id, "error"))
+        record_durably(lambda: _finished(run_id, "error"), f"the end of ansible run {ident}", log)
         raise
     # The run happened: its end is recorded however long the database is busy.
     record_durably(lambda: _finished(run_id, result.status, result.rc,
-                                     str(result.artifact_dir)))
+                                     str(result.artifact_dir)),
+                   f"the end of ansible run {ident}", log)
     result.run_id = run_id
     if quiet and result.status == "successful" and all(h.ok for h in result.hosts.values()):
         shutil.rmtree(config.ansible_runs_dir / ident, ignore_errors=True)
