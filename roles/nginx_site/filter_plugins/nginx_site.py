@@ -55,10 +55,10 @@ def nginx_site_in_step(listings: list[dict], stamp: str, catchall: str) -> dict:
 
 def nginx_site_left_alone(hosts: list[list[str]], verdicts: dict) -> list[str]:
     """Of each nginx host's stores (names, in play order), those whose vhost is in
-    step and that a run over vhosts alone (playbooks/nginx.yml) can end. Where every store of an nginx
-    host is in step, its first stays: that host still needs one store to remove the
-    vhosts of stores that are gone and to reload nginx without them (prune.yml,
-    apply.yml)."""
+    step and that a run over vhosts alone (playbooks/nginx.yml) can end. Where every
+    store of an nginx host is in step, its first stays: that host still needs one
+    store to remove the vhosts of stores that are gone and to reload nginx without
+    them (prune.yml, apply.yml)."""
     ended = []
     for stores in hosts:
         in_step = [name for name in stores if verdicts.get(name) == ""]
