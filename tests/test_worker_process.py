@@ -9,10 +9,10 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 from pathlib import Path
 
 from provisioner import worker_process
+from provisioner.testing.faults import poll
 
 SERVICE = str(Path(__file__).resolve().parents[1] / "service")
 
@@ -37,16 +37,6 @@ FAKE_WORKER = textwrap.dedent("""
 """)
 
 
-def poll(condition, timeout: float = 20, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def notes_of(path: Path) -> list[tuple[int, str]]:
     if not path.exists():
         return []
@@ -65,15 +55,15 @@ def test_woken_restarted_when_it_dies_alone_and_stopped_with_sigterm(tmp_path, m
     stop, wake = threading.Event(), threading.Event()
     thread = worker_process.supervise(stop, wake, 1, argv=fake_argv(notes))
     try:
-        first = poll(lambda: [p for p, t in notes_of(notes) if t == "started"], what="a worker")[0]
+        first = poll(lambda: [p for p, t in notes_of(notes) if t == "started"], 20, "a worker")[0]
         wake.set()
-        poll(lambda: (first, "woken") in notes_of(notes), what="the wake-up to reach it")
+        poll(lambda: (first, "woken") in notes_of(notes), 20, "the wake-up to reach it")
 
         os.kill(first, signal.SIGKILL)
         second = poll(lambda: [p for p, t in notes_of(notes) if t == "started" and p != first],
-                      what="a new worker after the first died")[0]
+                      20, "a new worker after the first died")[0]
         wake.set()
-        poll(lambda: (second, "woken") in notes_of(notes), what="the new worker woken")
+        poll(lambda: (second, "woken") in notes_of(notes), 20, "the new worker woken")
     finally:
         stop.set()
         thread.join(40)
@@ -94,12 +84,12 @@ def test_the_worker_dies_with_its_parent(tmp_path):
         threading.Event().wait()
     """)])
     try:
-        child = poll(lambda: [p for p, t in notes_of(notes) if t == "started"], what="a worker")[0]
+        child = poll(lambda: [p for p, t in notes_of(notes) if t == "started"], 20, "a worker")[0]
         parent.kill()
         parent.wait(10)
         poll(lambda: not Path(f"/proc/{child}").exists()
              or b") Z" in Path(f"/proc/{child}/stat").read_bytes(),
-             what="the worker to die with its parent")
+             20, "the worker to die with its parent")
     finally:
         parent.kill()
         parent.wait(10)
