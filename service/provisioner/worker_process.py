@@ -1,9 +1,9 @@
 """`serve`'s worker in a process of its own. In one process the worker's Pony work
 and Ansible bookkeeping held the GIL the web threads need: webhook p99 at 200 req/s
-was ~100 ms with the worker busy, ~7 ms without it. Apart, the kernel shares the
-CPUs fairly. A webhook or the scheduler still wakes it at once (a byte down a pipe);
-it dies with `serve` (PR_SET_PDEATHSIG), so a killed service leaves no worker behind
-to race the next one; and `serve` starts it again if it dies alone."""
+while the worker applied them was 112 ms in one process, 16 ms apart (bench/run, 2
+CPUs). A webhook or the scheduler still wakes it at once (a byte down a pipe); it
+dies with `serve` (PR_SET_PDEATHSIG), so a killed service leaves no worker behind to
+race the next one; and `serve` starts it again if it dies alone."""
 
 from __future__ import annotations
 
