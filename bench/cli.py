@@ -197,7 +197,7 @@ def _measure(args, stack: BenchStack, report: Report, t, service: memory.Sampler
         report.note(f"fleet: {made} store(s) made in bulk through provision.yml in "
                     f"{seconds:.1f} s ({seconds / made:.2f} s per store, chunks of "
                     f"{args.fleet_chunk}); {fleet.running_count()} running stores in all")
-    running = converge.stores(target * 2 + 1000)
+    running = converge.stores(stack, target * 2 + 1000)
     names = [s.name for s in running]
     n = len(names)
 

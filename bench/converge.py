@@ -16,9 +16,9 @@ from provisioner.ansible.operations import Operation
 from provisioner.ansible.store_vars import StoreVars, of_instance
 
 
-def stores(count: int) -> list[StoreVars]:
+def stores(stack: BenchStack, count: int) -> list[StoreVars]:
     with db_session:
-        return [of_instance(i) for i in running_stores()[:count]]
+        return [of_instance(stack.config, i) for i in running_stores()[:count]]
 
 
 def converge(stack: BenchStack, batch: list[StoreVars],

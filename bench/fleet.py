@@ -43,7 +43,7 @@ def grow(stack: BenchStack, target: int, chunk: int) -> tuple[int, float]:
         count = min(chunk, missing - made)
         ids = _rows(stack, made, count)
         with db_session:
-            stores = [of_instance(Instance[i]) for i in ids]
+            stores = [of_instance(stack.config, Instance[i]) for i in ids]
         log(f"fleet: provisioning stores {made + 1}-{made + count} of {missing} "
             f"in one playbook run")
         result = operations.run(stack.config, Operation.PROVISION, stores,

@@ -10,7 +10,7 @@ from pathlib import Path
 from pony.orm import commit, count, desc, flush, select
 from pony.orm import max as pony_max
 
-from provisioner import events, jobs, lifecycle
+from provisioner import events, jobs, lifecycle, plans, revenue, store_plans
 from provisioner.config import Config
 from provisioner.models import (
     AnsibleRun,
@@ -28,7 +28,6 @@ from provisioner.models import (
 from provisioner.redaction import redact
 from provisioner.states import JobKind, JobState, StoreState
 
-PAYING = ("active", "trialing", "past_due")
 # Plain strings for Pony queries.
 _FAILED = JobState.FAILED.value
 _QUEUED = JobState.QUEUED.value
@@ -273,12 +272,59 @@ def instance_detail(config: Config, instance_id: int) -> dict:
     recent_audit = AuditEntry.select(lambda a: a.target == target
                                      ).order_by(desc(AuditEntry.id)).limit(10)
     return {**instance_summary(config, instance),
+            **plan_detail(config, instance),
+            "billing_events": billing_events(instance.customer),
             "retryable": instance.status in RETRY_STATES,
             "jobs": [job_summary(j) for j in recent_jobs],
             "health_history": [{"at": _iso(h.at), "ok": h.ok, "detail": h.detail,
                                 "action": h.action} for h in checks],
             "log": [log_summary(e) for e in recent_logs],
             "audit": [audit_summary(a) for a in recent_audit]}
+
+
+BILLING_EVENTS_SHOWN = 30
+
+
+def plan_detail(config: Config, instance: Instance) -> dict:
+    """The store's plan and limits, the plan billing asks for, and why it waits."""
+    current = store_plans.current(config, instance)
+    wanted = store_plans.wanted(config, instance)
+    subscription = instance.subscription
+    asked = plans.by_price(config, subscription.price_id) if subscription else None
+    return {"plan": {**current.as_dict(), "limits_text": current.limits_text()},
+            "plan_pending": wanted.as_dict() if wanted != current else None,
+            "plan_refused": asked.as_dict() if asked and instance.plan_refused ==
+            asked.price_id and asked != current else None,
+            "plan_problem": instance.plan_problem,
+            "unknown_price": store_plans.unknown_price(config, instance)}
+
+
+def billing_events(customer: Customer | None) -> list[dict]:
+    """The newest Stripe events about this customer, however they reached us."""
+    if customer is None or not customer.stripe_id:
+        return []
+    stripe_id = customer.stripe_id
+    found = StripeEvent.select(lambda e: e.stripe_customer_id == stripe_id
+                               ).order_by(desc(StripeEvent.id)).limit(BILLING_EVENTS_SHOWN)
+    waiting = _waiting_events([e.id for e in found])
+    return [event_summary(e, e.id in waiting) for e in found]
+
+
+def apply_plan(config: Config, instance_id: int, by: Actor) -> dict:
+    """Apply a refused plan change anyway (limits lowered below what the store uses),
+    audited; Conflict when no change waits."""
+    instance = get_instance(instance_id)
+    target = _instance_target(instance)
+    try:
+        plan = store_plans.force(config, instance)
+    except ValueError as exc:
+        raise _refused(by, "apply-plan", target, str(exc)) from None
+    flush()
+    job = instance.jobs.select(lambda j: j.state == _QUEUED and j.kind == JobKind.CONVERGE
+                               ).first()
+    audit(by, "apply-plan", target, f"{instance.subdomain}: plan {plan.name} forced")
+    return {"instance_id": instance.id, "plan": plan.as_dict(),
+            "job_id": job.id if job else None}
 
 
 def list_runs(limit: int = 100) -> list[dict]:
@@ -533,7 +579,7 @@ def stats(config: Config, days: int = 30) -> dict:
                               if i.created_at >= since))
     cancellations = _per_day(select((s.canceled_at.date(), count()) for s in Subscription
                                     if s.canceled_at is not None and s.canceled_at >= since))
-    paying = Subscription.select(lambda s: s.status in PAYING).count()
+    money = revenue.figures(config, days)
     return {
         "instances_by_status": by_status,
         "instances_total": sum(by_status.values()),
@@ -543,9 +589,11 @@ def stats(config: Config, days: int = 30) -> dict:
         "job_failures": Job.select(lambda j: j.state == _FAILED).count(),
         "events_received": StripeEvent.select().count(),
         "events_failed": StripeEvent.select(lambda e: e.failed_at is not None).count(),
-        "paying_subscriptions": paying,
+        "paying_subscriptions": money["billed_subscriptions"],
+        "trialing_subscriptions": money["trialing_subscriptions"],
         "past_due_subscriptions": Subscription.select(lambda s: s.status == "past_due").count(),
-        "monthly_recurring_revenue_pence": paying * config.plan_price_pence,
+        "monthly_recurring_revenue_pence": money["mrr_pence"],
+        "revenue": money,
     }
 
 

@@ -10,8 +10,13 @@ from datetime import datetime
 
 from provisioner import lifecycle
 from provisioner.config import Config
-from provisioner.models import Customer, Subscription, utcnow
-from provisioner.stripe_shapes import object_id, subscription_period, timestamp
+from provisioner.models import Customer, LogEntry, Subscription, utcnow
+from provisioner.stripe_shapes import (
+    object_id,
+    subscription_period,
+    subscription_price,
+    timestamp,
+)
 
 # When two snapshots carry the same second, the later stage of a
 # subscription's life wins, whatever order they were applied in.
@@ -68,6 +73,19 @@ def apply_subscription(config: Config, sub: dict, at: datetime) -> Subscription:
         subscription.cancel_at = timestamp(sub.get("cancel_at"))
         subscription.canceled_at = timestamp(sub.get("canceled_at")) or \
             timestamp(sub.get("ended_at"))
+    if subscription.snapshot_at is None or at >= subscription.snapshot_at:
+        subscription.snapshot_at = at
+        subscription.trial_end = timestamp(sub.get("trial_end"))
+        price_id, monthly, currency = subscription_price(sub)
+        if price_id and price_id != subscription.price_id:
+            if subscription.price_id:
+                for instance in subscription.instances.select(lambda i: i.live):
+                    LogEntry(instance=instance, message=f"subscription's price changed "
+                                                        f"{subscription.price_id} -> {price_id}")
+            subscription.price_id = price_id
+        if monthly is not None:
+            subscription.monthly_amount = monthly
+            subscription.currency = currency or subscription.currency
     return subscription
 
 

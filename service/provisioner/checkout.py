@@ -7,6 +7,7 @@ import re
 import stripe
 
 from provisioner.config import Config
+from provisioner.plans import Plan
 
 _EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
 
@@ -41,18 +42,26 @@ def stripe_client(config: Config) -> stripe.StripeClient:
     return stripe.StripeClient(config.stripe_secret_key, **options)
 
 
-def create_checkout_session(config: Config, subdomain: str, site_name: str, email: str) -> dict:
-    """A subscription-mode session carrying the store's metadata; returns id and url."""
-    if not config.stripe_price_id:
+def create_checkout_session(config: Config, subdomain: str, site_name: str, email: str,
+                            plan: Plan) -> dict:
+    """A subscription-mode session for `plan` carrying the store's metadata (with the
+    plan's trial, promotion codes allowed); returns id and url."""
+    if plan.price_id == "price_unset":
         raise CheckoutUnavailable("STRIPE_PRICE_ID is not configured")
-    metadata = {"subdomain": subdomain, "site_name": site_name}
+    metadata = {"subdomain": subdomain, "site_name": site_name, "plan": plan.key}
+    subscription_data: dict = {"metadata": metadata}
+    if plan.trial_days:
+        # Card details are still taken: a trial that ends unpaid is past_due, then
+        # suspended after the usual grace.
+        subscription_data["trial_period_days"] = plan.trial_days
     try:
         session = stripe_client(config).v1.checkout.sessions.create(params={
             "mode": "subscription",
-            "line_items": [{"price": config.stripe_price_id, "quantity": 1}],
+            "line_items": [{"price": plan.price_id, "quantity": 1}],
             "customer_email": email,
             "metadata": metadata,
-            "subscription_data": {"metadata": metadata},
+            "subscription_data": subscription_data,
+            "allow_promotion_codes": True,
             "success_url": (
                 f"{config.public_url}/signup/success/?session_id={{CHECKOUT_SESSION_ID}}"
             ),

@@ -15,8 +15,12 @@ from provisioner.config import Config, ConfigError, load_config
 
 
 def _configure() -> Config:
+    from provisioner import plans
+
     try:
-        config = models.open_database(load_config())
+        config = load_config()
+        plans.all_plans(config)  # a bad PLANS_FILE stops start-up with one line
+        config = models.open_database(config)
     except ConfigError as exc:
         print(f"provisioner: configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -172,12 +176,20 @@ def cmd_stats(args: argparse.Namespace) -> int:
     rows += [("stores total", stats["instances_total"]),
              ("paying subscriptions", stats["paying_subscriptions"]),
              ("past due", stats["past_due_subscriptions"]),
-             ("MRR", f"£{stats['monthly_recurring_revenue_pence'] / 100:.2f}"),
+             ("in trial", stats["trialing_subscriptions"]),
+             ("MRR", f"{stats['monthly_recurring_revenue_pence'] / 100:.2f} "
+                     f"{stats['revenue']['currency'].upper()}"),
+             ("churn (30 days)", f"{stats['revenue']['churn_rate'] * 100:.1f}%"),
+             ("failed payments (30 days)", stats["revenue"]["failed_payments_in_window"]),
+             ("disputes (30 days)", stats["revenue"]["disputes_in_window"]),
              ("signups (30 days)", sum(stats["signups_per_day"].values())),
              ("cancellations (30 days)", sum(stats["cancellations_per_day"].values())),
              ("failed jobs", stats["job_failures"]),
              ("events received / failed",
               f"{stats['events_received']} / {stats['events_failed']}")]
+    rows += [(f"plan {p['plan'] or p['price_id']}",
+              f"{p['active']} active, {p['trialing']} in trial, {p['past_due']} past due, "
+              f"MRR {p['mrr_pence'] / 100:.2f}") for p in stats["revenue"]["plans"]]
     width = max(len(label) for label, _ in rows)
     for label, value in rows:
         print(f"{label:<{width}}  {value:>10}")

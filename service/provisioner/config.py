@@ -47,6 +47,8 @@ class Config:
     base_domain: str
     stripe_secret_key: str = field(repr=False)
     stripe_price_id: str
+    plans_file: str
+    trial_days: int
     stripe_api_base: str
     stripe_webhook_tolerance: int
     public_url: str
@@ -74,6 +76,7 @@ class Config:
     admin_password: str = field(repr=False)
     admin_token: str = field(repr=False)
     plan_price_pence: int
+    account_link_days: int
     suspend_after_days: int
     delete_after_days: int
     backup_root: Path

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from pony.orm import db_session
 
-from provisioner import jobs, lifecycle
+from provisioner import jobs, lifecycle, store_plans
 from provisioner.ansible.operations import Operation
 from provisioner.ansible.store_vars import VHOST_OF_STATE, StoreVars, of_instance
 from provisioner.config import Config
@@ -38,6 +38,8 @@ class Batch:
     on_success: Callable[[Instance], None]
     jobs: dict[int, StoreVars] = field(default_factory=dict)
     secrets: dict[str, dict] = field(default_factory=dict)
+    # Converge jobs: the plan each store is given (a refusal names it).
+    plans: dict[int, store_plans.Plan] = field(default_factory=dict)
 
     def add(self, job: Job, store: StoreVars) -> None:
         instance = job.instance
@@ -48,21 +50,28 @@ class Batch:
         instance.updated_at = utcnow()
 
 
-def _needs_no_run(instance: Instance) -> bool:
+def _needs_no_run(config: Config, instance: Instance) -> bool:
     desired = instance.desired_state
-    return (not instance.live or desired not in CONVERGED or instance.status == desired
+    return (not instance.live or desired not in CONVERGED
+            or (instance.status == desired and not store_plans.change_pending(config, instance))
             or (desired == StoreState.RUNNING and instance.admin_hold))
 
 
-def plan_converge(job_ids: list[int]) -> list[Batch]:
-    """Stores to bring to their desired state, one batch per target state."""
+def plan_converge(config: Config, job_ids: list[int]) -> list[Batch]:
+    """Stores to bring to their desired state and plan, one batch per target state."""
     batches: dict[str, Batch] = {}
+    plans: dict[int, store_plans.Plan] = {}
+
+    def converged(instance: Instance, desired: StoreState) -> None:
+        store_plans.applied(instance, plans[instance.id])
+        lifecycle.converged(instance, desired)
+
     with db_session:
         for job_id in job_ids:
             job = Job[job_id]
             instance = job.instance
             desired = StoreState(instance.desired_state) if instance.live else None
-            if _needs_no_run(instance):
+            if _needs_no_run(config, instance):
                 jobs.complete(job)
             elif desired in STOPPED_BY_BILLING and instance.provisioned_at is None:
                 transition(instance, desired)  # never built: nothing to stop, nobody to tell
@@ -72,13 +81,19 @@ def plan_converge(job_ids: list[int]) -> list[Batch]:
                     batches[desired] = Batch(
                         Operation.PROVISION if desired == StoreState.RUNNING
                         else Operation.SUSPEND,
-                        on_success=lambda i, d=desired: lifecycle.converged(i, d))
-                batches[desired].add(job, of_instance(instance).with_(
-                    page=VHOST_OF_STATE.get(desired)))
+                        on_success=lambda i, d=desired: converged(i, d))
+                plans[instance.id] = plan = store_plans.wanted(config, instance)
+                changing = plan != store_plans.current(config, instance)
+                batches[desired].add(job, of_instance(config, instance, plan).with_(
+                    page=VHOST_OF_STATE.get(desired),
+                    limits_excess="force" if instance.plan_force else
+                    "refuse" if changing else "keep"))
+                if changing:
+                    batches[desired].plans[job_id] = plan
     return list(batches.values())
 
 
-def plan_actions(job_ids: list[int]) -> tuple[list[Batch], list[tuple[int, str]]]:
+def plan_actions(config: Config, job_ids: list[int]) -> tuple[list[Batch], list[tuple[int, str]]]:
     """Admin actions, one batch per action; and the jobs that cannot run, with why."""
     batches: dict[str, Batch] = {}
     refused: list[tuple[int, str]] = []
@@ -92,9 +107,17 @@ def plan_actions(job_ids: list[int]) -> tuple[list[Batch], list[tuple[int, str]]
             operation, extra = ADMIN_ACTIONS[action]
             if action not in batches:
                 batches[action] = Batch(operation,
-                                        on_success=lambda i, a=action: lifecycle.acted(i, a))
-            batches[action].add(job, of_instance(job.instance).with_(**extra))
+                                        on_success=lambda i, a=action: _acted(config, i, a))
+            batches[action].add(job, of_instance(config, job.instance).with_(**extra))
     return list(batches.values()), refused
+
+
+def _acted(config: Config, instance: Instance, action: str) -> None:
+    """An admin action went through; a plan change that waited for a held store's
+    Start follows it."""
+    lifecycle.acted(instance, action)
+    if store_plans.change_pending(config, instance):
+        lifecycle.reconcile(instance, config)
 
 
 def plan_destroy(config: Config, job_ids: list[int]) -> list[Batch]:
@@ -118,5 +141,5 @@ def plan_destroy(config: Config, job_ids: list[int]) -> list[Batch]:
             else:
                 archives[instance.id] = \
                     f"{config.backup_root}/{instance.subdomain}-{instance.id}-{stamp}.tar.gz"
-                batch.add(job, of_instance(instance).with_(archive=archives[instance.id]))
+                batch.add(job, of_instance(config, instance).with_(archive=archives[instance.id]))
     return [batch] if batch.jobs else []

@@ -14,7 +14,7 @@ import secrets
 from collections.abc import Callable
 from datetime import datetime
 
-from provisioner import docker_hosts, jobs, lifecycle, stripe_sync, subdomains
+from provisioner import docker_hosts, jobs, lifecycle, plans, stripe_sync, subdomains
 from provisioner.billing import (
     apply_subscription,
     customer_for,
@@ -36,7 +36,9 @@ from provisioner.states import JobKind
 from provisioner.stripe_shapes import invoice_subscription_id, object_id, timestamp
 
 log = logging.getLogger(__name__)
-Handler = Callable[[Config, dict, datetime], None]
+# A handler may return the Stripe customer the event concerns when the object does not
+# name it (a dispute names a charge): the event is then listed on that customer's page.
+Handler = Callable[[Config, dict, datetime], str | None]
 HANDLERS: dict[str, Handler] = {}
 
 class EventError(Exception):
@@ -56,9 +58,13 @@ def apply(config: Config, event: StripeEvent) -> None:
     """Apply a stored event (needs a db_session). Unknown types are recorded and ignored."""
     payload = json.loads(event.payload)
     handler = HANDLERS.get(event.type)
+    obj = payload["data"]["object"]
+    customer = None
     if handler is not None:
         at = timestamp(payload.get("created")) or event.received_at
-        handler(config, payload["data"]["object"], at)
+        customer = handler(config, obj, at)
+    event.stripe_customer_id = customer or object_id(obj.get("customer")) or \
+        event.stripe_customer_id
     event.processed_at = utcnow()
     event.failed_at = None
     event.error = None
@@ -132,8 +138,11 @@ def checkout_completed(config: Config, session: dict, at: datetime) -> None:
     if problem is None and subdomains.is_held(name, except_session=session["id"]):
         problem = f"subdomain '{name}' is held by another open checkout"
 
+    chosen = plans.by_key(config, metadata.get("plan")) if metadata.get("plan") in \
+        {p.key for p in plans.all_plans(config)} else plans.default(config)
     instance = Instance(
         subdomain=name or (raw_name or "(none)")[:100], site_name=site_name,
+        plan_price_id=chosen.price_id,
         admin_email=email or "unknown", admin_password=secrets.token_urlsafe(12),
         customer=customer, subscription=subscription, checkout_session_id=session["id"],
         port=0 if problem else docker_hosts.free_port(config),
@@ -213,3 +222,78 @@ def invoice_payment_failed(config: Config, invoice: dict, at: datetime) -> None:
     # first payment that failed leaves it incomplete (nothing was ever paid).
     set_status(subscription, "past_due" if subscription.payment_confirmed else "incomplete", at)
     reconcile_all(config, subscription)
+
+
+@handles("customer.subscription.trial_will_end")
+def trial_will_end(config: Config, sub: dict, at: datetime) -> None:
+    """Three days before a trial ends: remind the customer that the first charge comes."""
+    refresh_unknown_customer(config, object_id(sub.get("customer")))
+    subscription = apply_subscription(config, sub, at)
+    ends = subscription.trial_end
+    for instance in subscription.instances.select(lambda i: i.live):
+        lifecycle.notify(instance, "trial_ending",
+                         key=ends.isoformat(timespec="seconds") if ends else "-")
+    reconcile_all(config, subscription)
+
+
+@handles("invoice.payment_action_required")
+def payment_action_required(config: Config, invoice: dict, at: datetime) -> None:
+    """The bank wants the customer to confirm (SCA): email them the invoice's page. A
+    renewal counts as past due, so the store stays up through the usual grace."""
+    subscription_id = invoice_subscription_id(invoice)
+    if subscription_id is None:
+        return
+    refresh_unknown_customer(config, object_id(invoice.get("customer")))
+    subscription = subscription_for(subscription_id, object_id(invoice.get("customer")))
+    if subscription.status in lifecycle.ENDED_STATUSES:
+        return
+    if subscription.payment_confirmed:
+        set_status(subscription, "past_due", at)
+    url = invoice.get("hosted_invoice_url")
+    link = url if isinstance(url, str) and url.startswith("https://") else ""
+    for instance in subscription.instances.select(lambda i: i.live):
+        LogEntry(instance=instance, message=f"invoice {invoice.get('id')} needs the "
+                                            f"customer to confirm the payment")
+        lifecycle.notify(instance, "payment_action", key=str(invoice.get("id") or "-"),
+                         text=link)
+    reconcile_all(config, subscription)
+
+
+def _dispute_customer(config: Config, dispute: dict) -> Customer | None:
+    """Whose charge is disputed: the expanded charge, Stripe's API, or the email the
+    dispute's evidence names."""
+    charge = dispute.get("charge")
+    stripe_customer_id = object_id(charge.get("customer")) if isinstance(charge, dict) \
+        else None
+    if stripe_customer_id is None and object_id(charge) and config.stripe_secret_key:
+        try:
+            found = stripe_sync.charge_customer(config, object_id(charge))
+        except stripe_sync.StripeUnavailable as exc:
+            log.warning("could not read charge %s from Stripe: %s", object_id(charge), exc)
+            found = None
+        stripe_customer_id = found
+    if stripe_customer_id:
+        return Customer.get(stripe_id=stripe_customer_id)
+    email = ((dispute.get("evidence") or {}).get("customer_email_address") or "").strip()
+    return Customer.select(lambda c: c.email == email).first() if email else None
+
+
+@handles("charge.dispute.created", "charge.dispute.closed")
+def dispute(config: Config, obj: dict, at: datetime) -> str | None:
+    """A customer disputed a charge with their bank: the admin hears of it; the store is
+    left as it is (billing decides, not the dispute)."""
+    customer = _dispute_customer(config, obj)
+    amount = obj.get("amount") if isinstance(obj.get("amount"), int) else 0
+    currency = str(obj.get("currency") or "").upper()
+    text = (f"dispute {obj.get('id')} of {amount / 100:.2f} {currency}, reason "
+            f"{obj.get('reason') or 'unknown'}, status {obj.get('status') or 'unknown'}")
+    opened = obj.get("status") not in ("won", "lost", "warning_closed")
+    if customer is None:
+        LogEntry(level="warning", message=f"{text}: no customer of ours found")
+        return None
+    for instance in customer.instances.select(lambda i: i.live):
+        LogEntry(instance=instance, level="warning" if opened else "info", message=text)
+        if opened:
+            lifecycle.notify(instance, "admin_dispute", key=str(obj.get("id") or "-"),
+                             text=text)
+    return customer.stripe_id

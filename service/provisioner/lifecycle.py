@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from provisioner import jobs
+from provisioner import jobs, store_plans
 from provisioner.config import Config
 from provisioner.models import Instance, LogEntry, Notification, utcnow
 from provisioner.states import CONVERGED, JobKind, StoreState, transition
@@ -71,8 +71,8 @@ def reconcile(instance: Instance, config: Config) -> None:
         instance.delete_after = ended + timedelta(days=config.delete_after_days)
     elif desired != CANCELLED:
         instance.delete_after = None
-    if desired in CONVERGED and instance.status != desired and not (
-            desired == RUNNING and instance.admin_hold):
+    if desired in CONVERGED and (instance.status != desired or store_plans.change_pending(
+            config, instance)) and not (desired == RUNNING and instance.admin_hold):
         jobs.enqueue(JobKind.CONVERGE, instance=instance)
     elif desired == RUNNING and instance.welcome_sent_at is None:
         notify(instance, "welcome")
@@ -87,10 +87,12 @@ def _key(moment: datetime | None) -> str:
     return moment.isoformat(timespec="seconds") if moment else "-"
 
 
-def notify(instance: Instance, notice: str, key: str = "-") -> None:
-    """Queue a customer email unless this one (notice, key) already went out."""
+def notify(instance: Instance, notice: str, key: str = "-", text: str = "") -> None:
+    """Queue an email unless this one (notice, key) already went out; `text` is what
+    the email says beyond the store's facts (a dispute's amount, an invoice's link)."""
     if Notification.get(instance=instance, notice=notice, key=key) is None:
-        jobs.enqueue(JobKind.NOTIFY, instance=instance, detail=f"{notice}|{key}")
+        detail = f"{notice}|{key}" + (f"|{text}" if text else "")
+        jobs.enqueue(JobKind.NOTIFY, instance=instance, detail=detail[:1000])
 
 
 def converged(instance: Instance, state: str) -> None:

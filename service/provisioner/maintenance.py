@@ -110,7 +110,7 @@ def health_sweep(config: Config, progress: Progress = _quiet) -> Report:
     report = Report("health", counts={"healthy": 0, "unhealthy": 0})
     started = time.perf_counter()
     with db_session:
-        stores = [of_instance(i) for i in _running_stores()]
+        stores = [of_instance(config, i) for i in _running_stores()]
     if not stores:
         return report
     progress(f"checking {len(stores)} store(s) in one playbook run…")
@@ -301,7 +301,7 @@ def upgrade(config: Config, image: str, batch: int, progress: Progress = _quiet)
     for first in range(0, len(targets), batch):
         chunk = targets[first:first + batch]
         with db_session:
-            stores = [of_instance(Instance[i]).with_(image=image) for i, _ in chunk]
+            stores = [of_instance(config, Instance[i]).with_(image=image) for i, _ in chunk]
         progress(f"batch {first // batch + 1}: {', '.join(s.name for s in stores)} -> {image}")
         result = operations.run(config, Operation.PROVISION, stores)
         failed = []

@@ -67,6 +67,14 @@ class Subscription(db.Entity):
     current_period_end = Optional(datetime)
     cancel_at = Optional(datetime)
     canceled_at = Optional(datetime, index=True)
+    # The Stripe Price of its (first) item, and what it bills a month (minor units).
+    price_id = Optional(str, nullable=True)
+    monthly_amount = Optional(int)
+    currency = Optional(str, nullable=True)
+    trial_end = Optional(datetime)
+    # Time of the newest subscription snapshot whose price and trial were taken (a paid
+    # invoice can move status_at past a snapshot that still has the newer price).
+    snapshot_at = Optional(datetime)
     created_at = Required(datetime, default=utcnow)
     updated_at = Required(datetime, default=utcnow)
     instances = Set("Instance")
@@ -99,6 +107,14 @@ class Instance(db.Entity):
     health_checks = Set("HealthCheck")
     # An admin stopped it: billing alone does not start it again.
     admin_hold = Required(bool, default=False)
+    # The plan (Stripe Price) whose limits its container has; None until provisioned.
+    plan_price_id = Optional(str, nullable=True)
+    # A change to this plan was refused (the store uses more than it allows) and why:
+    # the store keeps plan_price_id until an admin applies it or the plan changes again.
+    plan_refused = Optional(str, nullable=True)
+    plan_problem = Optional(str, nullable=True)
+    # An admin said: apply the plan's limits even below what the store uses.
+    plan_force = Required(bool, default=False)
     # Start of the current suspension or closure; keys its notices.
     stopped_since = Optional(datetime)
     delete_after = Optional(datetime)
@@ -138,6 +154,8 @@ class StripeEvent(db.Entity):
     error = Optional(LongStr, nullable=True)
     # Deliveries after the first (Stripe retries, replays by hand are jobs).
     duplicates = Required(int, default=0)
+    # Whose it is, once applied: the customer's admin page lists their events.
+    stripe_customer_id = Optional(str, nullable=True)
     jobs = Set("Job")
 
 
@@ -256,7 +274,43 @@ LIVE_UNIQUE_INDEXES = (
     'ON "Instance" ("subdomain") WHERE "live"',
     'CREATE UNIQUE INDEX IF NOT EXISTS "instance_live_port" '
     'ON "Instance" ("docker_host", "port") WHERE "live"',
+    'CREATE INDEX IF NOT EXISTS "stripeevent_customer" ON "StripeEvent" ("stripe_customer_id")',
 )
+
+# Columns added since a table was first made: (table, column, SQLite type, PostgreSQL
+# type). Pony creates missing tables but never alters one, so an upgraded service adds
+# these before mapping; each only once (a column already there is left alone).
+ADDED_COLUMNS = (
+    ("Subscription", "price_id", "TEXT", "TEXT"),
+    ("Subscription", "monthly_amount", "INTEGER", "INTEGER"),
+    ("Subscription", "currency", "TEXT", "TEXT"),
+    ("Subscription", "trial_end", "DATETIME", "TIMESTAMP"),
+    ("Subscription", "snapshot_at", "DATETIME", "TIMESTAMP"),
+    ("Instance", "plan_price_id", "TEXT", "TEXT"),
+    ("Instance", "plan_refused", "TEXT", "TEXT"),
+    ("Instance", "plan_problem", "TEXT", "TEXT"),
+    ("Instance", "plan_force", "BOOLEAN NOT NULL DEFAULT 0", "BOOLEAN NOT NULL DEFAULT false"),
+    ("StripeEvent", "stripe_customer_id", "TEXT", "TEXT"),
+)
+
+
+def _add_columns(database: Database) -> None:
+    """ALTER TABLE ... ADD COLUMN for each of ADDED_COLUMNS an existing table lacks."""
+    postgres = database.provider_name == "postgres"
+    connection = database.get_connection()
+    cursor = connection.cursor()
+    for table, column, sqlite_type, postgres_type in ADDED_COLUMNS:
+        if postgres:
+            cursor.execute("SELECT column_name FROM information_schema.columns "
+                           "WHERE table_name = %s", (table.lower(),))
+        else:
+            cursor.execute(f'PRAGMA table_info("{table}")')
+        columns = {row[0 if postgres else 1].lower() for row in cursor.fetchall()}
+        if columns and column.lower() not in columns:
+            kind = postgres_type if postgres else sqlite_type
+            cursor.execute(f'ALTER TABLE "{table}" ADD COLUMN "{column}" {kind}')
+            log.warning("database: added column %s.%s", table, column)
+    connection.commit()
 
 
 def bind(config: Config) -> Database:
@@ -278,6 +332,8 @@ def bind(config: Config) -> Database:
                 host=parsed.hostname, port=parsed.port or 5432, database=parsed.path.lstrip("/"))
     else:
         raise ConfigError(f"DATABASE_URL must be sqlite:///path or postgresql://..., got {url!r}")
+    with db_session:
+        _add_columns(db)
     db.generate_mapping(create_tables=True)
     with db_session:
         for statement in LIVE_UNIQUE_INDEXES:

@@ -13,7 +13,7 @@ from email.message import EmailMessage
 from jinja2 import Environment, PackageLoader, select_autoescape
 from pony.orm import flush
 
-from provisioner import mailer
+from provisioner import accounts, mailer, store_plans
 from provisioner.config import Config
 from provisioner.models import Instance, LogEntry, Notification, utcnow
 
@@ -29,6 +29,10 @@ SUBJECTS = {
     "suspended": "Your store {site_name} is suspended",
     "restored": "Your store {site_name} is back online",
     "closed": "Your store {site_name} is closed",
+    "trial_ending": "Your free trial of {site_name} ends soon",
+    "payment_action": "Please confirm your payment for {site_name}",
+    "admin_dispute": "[provisioner] store {subdomain}: a payment is disputed",
+    "admin_plan_refused": "[provisioner] store {subdomain}: plan change refused",
     "admin_attention": "[provisioner] store {subdomain} needs attention",
     "admin_unhealthy": "[provisioner] store {subdomain} is unhealthy",
     "admin_job_failed": "[provisioner] store {subdomain}: a job failed",
@@ -53,10 +57,26 @@ class Outgoing:
     message: EmailMessage
 
 
-def _context(config: Config, instance: Instance) -> dict:
+# Notices that carry the customer's signed account link (and the billing portal's).
+ACCOUNT_LINK_NOTICES = frozenset({"payment_warning", "suspended", "closed", "trial_ending",
+                                  "payment_action", "restored", "welcome"})
+
+
+def _context(config: Config, instance: Instance, notice: str) -> dict:
     store_url = config.store_url(instance.subdomain)
     subscription = instance.subscription
+    account_url = accounts.account_url(config, instance.customer) \
+        if instance.customer is not None and notice in ACCOUNT_LINK_NOTICES else ""
+    plan = store_plans.current(config, instance)
     return {
+        "account_url": account_url,
+        "billing_url": account_url + "billing" if account_url else "",
+        "admin_page": f"{config.public_url}/admin/instances/{instance.id}/",
+        "plan_name": plan.name,
+        "plan_price": plan.price_text,
+        "trial_end": subscription.trial_end.date().isoformat()
+        if subscription and subscription.trial_end else "",
+        "plan_problem": instance.plan_problem or "",
         "site_name": instance.site_name,
         "subdomain": instance.subdomain,
         "store_url": store_url,
@@ -92,7 +112,7 @@ def prepare(config: Config, instance: Instance, notice: str, key: str = "-",
         if row is None:
             Notification(instance=instance, notice=notice, key=key, recipient="-")
         return None
-    context = {**_context(config, instance), "detail": detail}
+    context = {**_context(config, instance, notice), "detail": detail}
     if notice == "welcome":
         if not instance.admin_password:
             raise RuntimeError(f"store {instance.subdomain} has no temporary password to send")

@@ -41,6 +41,31 @@ def subscription_period(sub: dict) -> tuple[datetime | None, datetime | None]:
     return timestamp(start), timestamp(end)
 
 
+_MONTHS_PER = {"day": 12 / 365, "week": 12 / 52, "month": 1, "year": 12}
+
+
+def subscription_price(sub: dict) -> tuple[str | None, int | None, str | None]:
+    """(price id, amount billed a month in minor units, currency) of the first item,
+    from its Price (current shape) or Plan (old shape); None where the snapshot lacks it."""
+    items = (sub.get("items") or {}).get("data") or []
+    if not items:
+        return None, None, None
+    item = items[0]
+    price = item.get("price") if isinstance(item.get("price"), dict) else item.get("plan")
+    if not isinstance(price, dict):
+        return object_id(item.get("price")), None, None
+    recurring = price.get("recurring") or price
+    amount = price.get("unit_amount", price.get("amount"))
+    interval = recurring.get("interval")
+    count = recurring.get("interval_count") or 1
+    quantity = item.get("quantity") or 1
+    monthly = None
+    if isinstance(amount, int) and interval in _MONTHS_PER and isinstance(count, int):
+        monthly = round(amount * quantity / (_MONTHS_PER[interval] * count))
+    currency = price.get("currency")
+    return object_id(price), monthly, currency if isinstance(currency, str) else None
+
+
 def timestamp(value: object) -> datetime | None:
     if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
         return datetime.fromtimestamp(value, UTC).replace(tzinfo=None)

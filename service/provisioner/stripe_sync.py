@@ -32,3 +32,13 @@ def refresh_customer(config: Config, stripe_customer_id: str) -> int:
         billing.reconcile_all(config, subscription)
         count += 1
     return count
+
+
+def charge_customer(config: Config, charge_id: str) -> str | None:
+    """The Stripe customer a charge was made to (a dispute names only the charge)."""
+    try:
+        charge = stripe_client(config).v1.charges.retrieve(charge_id)
+    except (CheckoutUnavailable, stripe.StripeError) as exc:
+        raise StripeUnavailable(str(exc)) from None
+    customer = charge.to_dict().get("customer")
+    return customer if isinstance(customer, str) else None

@@ -28,11 +28,13 @@ from provisioner import (
     maintenance,
     models,
     notifications,
+    store_plans,
 )
 from provisioner.ansible import operations, recording
 from provisioner.config import Config
 from provisioner.convergence import Batch
 from provisioner.models import Instance, Job, LogEntry, utcnow
+from provisioner.plans import Plan
 from provisioner.redaction import redact
 from provisioner.states import MAINTENANCE_KINDS, JobKind, JobState, StoreState
 
@@ -166,7 +168,8 @@ class Worker:
             self._in_transaction(job_id, self._reconcile)
         for job_id in by_kind.pop(JobKind.NOTIFY, []):
             self._notify(job_id)
-        self._batches(convergence.plan_converge, self._unless_stopping(by_kind, JobKind.CONVERGE))
+        self._batches(lambda ids: convergence.plan_converge(self.config, ids),
+                      self._unless_stopping(by_kind, JobKind.CONVERGE))
         self._batches(self._plan_actions, self._unless_stopping(by_kind, JobKind.ACTION))
         self._batches(lambda ids: convergence.plan_destroy(self.config, ids),
                       self._unless_stopping(by_kind, JobKind.DESTROY))
@@ -232,11 +235,12 @@ class Worker:
             models.checkpoint_wal()  # the password we just deleted, out of the WAL too
 
     def _outgoing(self, job: Job) -> notifications.Outgoing | None:
-        notice, _, key = (job.detail or "").partition("|")
+        notice, _, rest = (job.detail or "").partition("|")
+        key, _, text = rest.partition("|")
         instance = job.instance
         if notice == "welcome" and instance.status != StoreState.RUNNING:
             return None  # the store went away before it was ready; no login to send
-        detail = instance.status_message or ""
+        detail = text or instance.status_message or ""
         if notice == "admin_welcome_delayed":
             welcome = instance.jobs.select(
                 lambda j: j.kind == JobKind.NOTIFY and j.detail == "welcome|-").first()
@@ -274,7 +278,7 @@ class Worker:
             jobs.complete(job)
 
     def _plan_actions(self, job_ids: list[int]) -> list[Batch]:
-        batches, refused = convergence.plan_actions(job_ids)
+        batches, refused = convergence.plan_actions(self.config, job_ids)
         for job_id, reason in refused:
             self._fail(job_id, reason)
         return batches
@@ -313,6 +317,8 @@ class Worker:
                 self._fail(job_id, outcome.error or "ansible run timed out", alert=True)
             elif outcome.conflict:
                 self._conflict(job_id, outcome.error)
+            elif outcome.plan_refused and job_id in batch.plans:
+                self._plan_refused(job_id, batch.plans[job_id], outcome.error)
             elif not outcome.ok:
                 self._fail(job_id, outcome.error or "failed")
             else:
@@ -381,6 +387,15 @@ class Worker:
             job = Job[job_id]
             jobs.give_up(job, error)
             lifecycle.needs_attention(job.instance, error)
+        log.warning("job %s: %s", job_id, error)
+
+    def _plan_refused(self, job_id: int, plan: Plan, error: str) -> None:
+        """The store keeps its plan; it still goes to the state billing says, with it."""
+        with db_session:
+            job = Job[job_id]
+            store_plans.refused(job.instance, plan, error)
+            jobs.complete(job)
+            lifecycle.reconcile(job.instance, self.config)
         log.warning("job %s: %s", job_id, error)
 
     def _secrets_of(self, instances: Iterable[Instance]) -> list[str]:

@@ -192,10 +192,49 @@ def live_config(live_env, tmp_path_factory):
     return load_config(live_env, env_file=tmp_path_factory.mktemp("noenv2") / ".env")
 
 
+# The live service's plans (tests/integration/test_plans_live.py); the first is what a
+# checkout without a plan gets.
+LIVE_PLANS = """
+[[plan]]
+key = "starter"
+name = "Starter"
+price_id = "price_starter"
+price_pence = 1200
+memory_mb = 256
+cpus = 0.5
+pids_limit = 128
+disk_mb = 1024
+
+[[plan]]
+key = "pro"
+name = "Pro"
+price_id = "price_pro"
+price_pence = 2900
+memory_mb = 512
+cpus = 1
+pids_limit = 256
+disk_mb = 2048
+trial_days = 14
+
+[[plan]]
+key = "tiny"
+name = "Tiny"
+price_id = "price_tiny"
+price_pence = 500
+memory_mb = 192
+cpus = 0.25
+pids_limit = 64
+disk_mb = 1
+"""
+
+
 @pytest.fixture(scope="session")
 def live_env(base_env, config, nginx, smtp, localstripe, tmp_path_factory):
     """The settings of the live service, also given to CLI subprocesses."""
+    plans_file = tmp_path_factory.mktemp("plans") / "plans.toml"
+    plans_file.write_text(LIVE_PLANS)
     return {**base_env, **nginx.settings(),
+           "PLANS_FILE": str(plans_file),
            "ADMIN_NOTIFY_EMAIL": "ops@example.com",
            "HEALTH_WAIT_SECONDS": "15",
            "STRIPE_SECRET_KEY": "sk_test_localstripe", "STRIPE_API_BASE": localstripe,
@@ -255,3 +294,20 @@ def wait_until_live(subdomain: str, timeout: float = 180):
             return instance is not None and instance.status == "running" and \
                 instance.welcome_sent_at is not None
     poll(live, timeout=timeout, what=f"{subdomain} running with its welcome email sent")
+
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Debian's headless Chromium, driven by Playwright."""
+    playwright_api = pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).exists():
+        pytest.fail("Debian's chromium is not installed: run scripts/setup.sh")
+    with playwright_api.sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        yield chromium
+        chromium.close()

@@ -27,8 +27,6 @@ from tests.integration.conftest import (
     wait_until_live,
 )
 
-CHROMIUM = "/usr/bin/chromium"
-
 
 def provision(service, name) -> int:
     for evt in stripe_events.signup(subdomain=name, site_name=name.title(),
@@ -77,19 +75,6 @@ def test_start_stop_restart_through_the_api_change_the_real_container(service):
     assert run["playbook"] == "restart.yml" and run["status"] == "successful"
     assert any(t["task"] == "Show whether the container changed." and t["outcome"] == "changed"
                for t in run["tasks"])
-
-
-@pytest.fixture(scope="module")
-def browser():
-    playwright_api = pytest.importorskip("playwright.sync_api")
-    if not Path(CHROMIUM).exists():
-        pytest.fail("Debian's chromium is not installed: run scripts/setup.sh")
-    with playwright_api.sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync"])
-        yield chromium
-        chromium.close()
 
 
 def shot(page, name):

@@ -22,7 +22,7 @@ NAMES = ("step-same", "step-vhost", "step-stopped", "step-renamed")
 
 def converge_all(service):
     with db_session:
-        stores = [of_instance(Instance.get(subdomain=n, live=True)) for n in NAMES]
+        stores = [of_instance(service.config, Instance.get(subdomain=n, live=True)) for n in NAMES]
     result = operations.run(service.config, Operation.PROVISION, stores)
     ran = {}
     for path in (result.artifact_dir / "job_events").glob("*.json"):
@@ -65,7 +65,7 @@ def test_only_the_stores_that_differ_go_through_the_roles(service):
             assert https_request(service.nginx, f"{name}.stores.test", "/health/")[0] == 200
 
         with db_session:
-            stores = [of_instance(Instance.get(subdomain="step-same", live=True))]
+            stores = [of_instance(service.config, Instance.get(subdomain="step-same", live=True))]
         everything = operations.run(service.config, Operation.PROVISION, stores,
                                     extra_vars={"provision_every_store": True})
         assert everything.hosts["step-same"].ok
@@ -84,7 +84,7 @@ RELOAD_TASK = "Reload nginx."
 def regenerate(service, **extra_vars):
     """Operation.NGINX over VHOSTS, and the stores each task ran for."""
     with db_session:
-        stores = [of_instance(Instance.get(subdomain=n, live=True)) for n in VHOSTS]
+        stores = [of_instance(service.config, Instance.get(subdomain=n, live=True)) for n in VHOSTS]
     result = operations.run(service.config, Operation.NGINX, stores, extra_vars=extra_vars)
     assert all(h.ok for h in result.hosts.values()), result.hosts
     ran: dict[str, set] = {}

@@ -108,7 +108,7 @@ def test_second_playbook_run_changes_nothing(service):
     wait_until_live("steady-shop")
     started_at = inspect("ebuilder_steady-shop")["State"]["StartedAt"]
     with db_session:
-        stores = [of_instance(Instance.get(subdomain="steady-shop"))]
+        stores = [of_instance(service.config, Instance.get(subdomain="steady-shop"))]
     result = operations.run(service.config, Operation.PROVISION, stores)
     assert result.status == "successful"
     assert result.hosts["steady-shop"].ok

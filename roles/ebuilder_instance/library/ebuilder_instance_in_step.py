@@ -58,6 +58,11 @@ from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 
 from ansible.module_utils.basic import AnsibleModule  # noqa: E402
 
+MIB = 1024 * 1024
+NANO = 1_000_000_000
+# As library/ebuilder_instance_limits.py writes "no memory limit" (the kernel's).
+NO_MEMORY_LIMIT = 0x7FFFFFFFFFFFF000
+
 
 class _UnixConnection(http.client.HTTPConnection):
     def __init__(self, path: str, timeout: int):
@@ -121,8 +126,25 @@ def _health(port: int, path: str, timeout: int) -> int:
         connection.close()
 
 
-def difference(store: dict, docker_host: str, timeout: int, images: dict) -> str:
-    """'' when the role would change nothing for `store`, else the first reason."""
+def limits_differ(host: dict, store: dict, ncpu: int, swap_limit: bool) -> bool:
+    """Whether library/ebuilder_instance_limits.py would update the container's limits:
+    the same reading of its HostConfig (0, the kernel's "unlimited" and all of the host's
+    CPUs are no limit; memory without swap on top). tests/test_limits_module.py holds
+    the two to the same answers."""
+    memory = max(int(store.get("memory_mb") or 0), 0) * MIB
+    cpus = float(store.get("cpus") or 0)
+    nano = round(cpus * NANO) if 0 < cpus < ncpu else 0
+    have_memory, have_nano = host.get("Memory") or 0, host.get("NanoCpus") or 0
+    return ((have_memory if 0 < have_memory < NO_MEMORY_LIMIT else 0) != memory
+            or bool(memory and swap_limit and host.get("MemorySwap") != memory)
+            or (have_nano if 0 < have_nano < ncpu * NANO else 0) != nano
+            or max(host.get("PidsLimit") or 0, 0) != max(int(store.get("pids_limit") or 0), 0))
+
+
+def difference(store: dict, docker_host: str, timeout: int, images: dict,
+               engine: dict | None = None) -> str:
+    """'' when the role would change nothing for `store`, else the first reason.
+    `images` and `engine` (GET /info) are read once for all the stores of a host."""
     data_dir = store["dir"]
     for sub in ("db", "media", "logs"):
         if not os.path.isdir(os.path.join(data_dir, sub)) or \
@@ -132,6 +154,10 @@ def difference(store: dict, docker_host: str, timeout: int, images: dict) -> str
         return "data dir not marked as this installation's"
     if not _file_is(os.path.join(data_dir, "secret_key"), 0o600):
         return "no secret key"
+    # As container.yml records it (to_json of the module's disk_mb).
+    disk = json.dumps({"disk_mb": max(int(store.get("disk_mb") or 0), 0)}) + "\n"
+    if not _file_is(os.path.join(data_dir, ".limits"), 0o600, disk):
+        return "disk limit not recorded as the plan's"
     status, info = _get(docker_host, f"/containers/{store['container']}/json", timeout)
     if status != 200:
         return "container missing" if status == 404 else f"container unreadable (HTTP {status})"
@@ -153,6 +179,15 @@ def difference(store: dict, docker_host: str, timeout: int, images: dict) -> str
         return f"container {(info.get('State') or {}).get('Status', 'not running')}"
     if (host.get("RestartPolicy") or {}).get("Name") != "unless-stopped":
         return "restart policy differs"
+    engine = {} if engine is None else engine
+    if "NCPU" not in engine:
+        status, answer = _get(docker_host, "/info", timeout)
+        if status != 200:
+            return f"engine info unreadable (HTTP {status})"
+        engine.update(answer)
+    if limits_differ(host, store, int(engine.get("NCPU") or 1),
+                     bool(engine.get("SwapLimit", True))):
+        return "limits differ"
     if (host.get("PortBindings") or {}) != {"8000/tcp": [{"HostIp": "127.0.0.1",
                                                          "HostPort": str(store["port"])}]}:
         return "published port differs"
@@ -177,10 +212,11 @@ def main() -> None:
         supports_check_mode=True)
     params = module.params
     images: dict = {}
+    engine: dict = {}
 
     def judge(store: dict) -> str:
         try:
-            return difference(store, params["docker_host"], params["timeout"], images)
+            return difference(store, params["docker_host"], params["timeout"], images, engine)
         except Exception as exc:  # any doubt: the role runs for this store
             return f"not checked: {type(exc).__name__}: {exc}"
 

@@ -44,6 +44,8 @@ EventSink = Callable[[dict], None]
 
 
 CONFLICT = "conflict:"
+# The role would not lower a store's limits below what it uses (plan downgrade).
+PLAN_REFUSED = "plan refused:"
 CANCELLED = "cancelled:"
 TIMEOUT = "timeout"      # ansible-runner's status of a run it ended at its timeout
 CANCELED = "canceled"    # ... and of one its cancel callback ended
@@ -77,6 +79,11 @@ class HostOutcome:
         return not self.ok and (self.error or "").startswith(CONFLICT)
 
     @property
+    def plan_refused(self) -> bool:
+        """The store keeps its old limits: a verdict on the plan, not a failure to retry."""
+        return not self.ok and (self.error or "").startswith(PLAN_REFUSED)
+
+    @property
     def cancelled(self) -> bool:
         """The worker stopped the run: the store was not tried to the end, no attempt counts."""
         return not self.ok and (self.error or "").startswith(CANCELLED)
@@ -96,6 +103,11 @@ class RunResult:
     @property
     def timed_out(self) -> bool:
         return self.status == TIMEOUT
+
+    @property
+    def plan_refused(self) -> bool:
+        """The store keeps its old limits: a verdict on the plan, not a failure to retry."""
+        return not self.ok and (self.error or "").startswith(PLAN_REFUSED)
 
     @property
     def cancelled(self) -> bool:

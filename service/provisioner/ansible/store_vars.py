@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
+from provisioner import store_plans
 from provisioner.config import Config
 from provisioner.models import Instance
+from provisioner.plans import Plan
 from provisioner.states import CONVERGED, StoreState
 
 VHOST_OF_STATE = {StoreState.SUSPENDED: "suspended", StoreState.CANCELLED: "closed"}
@@ -36,6 +38,14 @@ class StoreVars:
     archive: str | None = None
     # Largest upload nginx accepts for this store (nginx size, e.g. "100m").
     upload_limit: str | None = None
+    # The container limits of its plan (plans.Plan); 0: none.
+    memory_mb: int | None = None
+    cpus: float | None = None
+    pids_limit: int | None = None
+    disk_mb: int | None = None
+    # When the store uses more than a lowered limit: refuse (a plan change), keep (the
+    # plan it has: limits never applied yet are not a failure), force (an admin said so).
+    limits_excess: str | None = None
 
     def with_(self, **changes) -> StoreVars:
         return replace(self, **changes)
@@ -44,10 +54,13 @@ class StoreVars:
         return {key: value for key, value in asdict(self).items() if value is not None}
 
 
-def of_instance(instance: Instance) -> StoreVars:
+def of_instance(config: Config, instance: Instance, plan: Plan | None = None) -> StoreVars:
+    """The store with the limits of `plan`, by default the plan its container has."""
+    plan = plan or store_plans.current(config, instance)
     return StoreVars(name=instance.subdomain, instance_id=str(instance.id),
                      site_name=instance.site_name, admin_email=instance.admin_email,
-                     port=instance.port, docker_host=instance.docker_host, image=instance.image)
+                     port=instance.port, docker_host=instance.docker_host, image=instance.image,
+                     limits_excess="keep", **plan.limits())
 
 
 def with_target(config: Config, instance: Instance) -> StoreVars:
@@ -56,7 +69,7 @@ def with_target(config: Config, instance: Instance) -> StoreVars:
     state = desired if desired in CONVERGED else instance.status
     if instance.admin_hold and state == StoreState.RUNNING:
         state = StoreState.STOPPED
-    return of_instance(instance).with_(
+    return of_instance(config, instance).with_(
         image=instance.image or config.ebuilder_image, state=str(state),
         vhost=VHOST_OF_STATE.get(state, "present"),
         page=VHOST_OF_STATE.get(state, "suspended"))

@@ -50,6 +50,19 @@ def retry(web: Web, instance_id: int):
                                "status_url": f"/api/jobs/{job_id}/" if job_id else None})
 
 
+def apply_plan(web: Web, instance_id: int):
+    web.check_api_post()
+    try:
+        with db_session:
+            result = or_404(admin.apply_plan, web.config, instance_id, web.actor())
+    except admin.Conflict as exc:
+        return json_response(409, {"error": str(exc)})
+    web.notify_worker()
+    job_id = result["job_id"]
+    return json_response(202, {**result,
+                               "status_url": f"/api/jobs/{job_id}/" if job_id else None})
+
+
 def search_text() -> str | None:
     return (request.query.get("q") or "")[:MAX_SEARCH] or None
 
@@ -132,6 +145,7 @@ ROUTES = (
     *(Route("POST", f"/api/instances/<instance_id:int>/{action}/", act, auth="api",
             fixed={"action": action}) for action in ("start", "stop", "restart")),
     Route("POST", "/api/instances/<instance_id:int>/retry/", retry, auth="api"),
+    Route("POST", "/api/instances/<instance_id:int>/apply-plan/", apply_plan, auth="api"),
     Route("GET", "/api/instances/<instance_id:int>/health/", instance_health, auth="api"),
     Route("GET", "/api/instances/<instance_id:int>/stats/", instance_stats, auth="api"),
     Route("GET", "/api/customers/", customers, auth="api"),

@@ -67,6 +67,19 @@ def instance_retry(web: Web, instance_id: int):
     redirect(f"/admin/instances/{instance_id}/?flash={quote(flash)}", 303)
 
 
+def instance_apply_plan(web: Web, instance_id: int):
+    web.check_csrf()
+    try:
+        with db_session:
+            result = or_404(admin.apply_plan, web.config, instance_id, web.actor(), page=True)
+    except admin.Conflict as exc:
+        flash = str(exc)
+    else:
+        web.notify_worker()
+        flash = f"plan {result['plan']['name']} will be applied (job {result['job_id']})"
+    redirect(f"/admin/instances/{instance_id}/?flash={quote(flash)}", 303)
+
+
 def _search_text() -> str | None:
     return (request.query.get("q") or "")[:200] or None
 
@@ -157,6 +170,8 @@ ROUTES = (
     Route("POST", f"/admin/instances/<instance_id:int>/<action:re:{'|'.join(PAGE_ACTIONS)}>/",
           instance_action, auth="page"),
     Route("POST", "/admin/instances/<instance_id:int>/retry/", instance_retry, auth="page"),
+    Route("POST", "/admin/instances/<instance_id:int>/apply-plan/", instance_apply_plan,
+          auth="page"),
     Route("GET", "/admin/runs/", runs, auth="page"),
     Route("GET", "/admin/runs/<run_id:int>/", run, auth="page"),
     Route("GET", "/admin/customers/", customers, auth="page"),

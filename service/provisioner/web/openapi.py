@@ -89,7 +89,9 @@ def document() -> dict:
                     "type": "object", "required": ["subdomain", "site_name", "email"],
                     "properties": {"subdomain": {"type": "string"},
                                    "site_name": {"type": "string"},
-                                   "email": {"type": "string", "format": "email"}}}}}},
+                                   "email": {"type": "string", "format": "email"},
+                                   "plan": {"type": "string", "description":
+                                            "a plan's key; the first plan when absent"}}}}}},
                 "responses": {"200": _json({"type": "object", "properties": {
                     "session_id": {"type": "string"}, "checkout_url": {"type": "string"}}},
                     "redirect the customer to checkout_url"), **_errors(400, 409, 429, 503)}}},
@@ -125,6 +127,12 @@ def document() -> dict:
                  "status_url": {"type": "string", "nullable": True},
                  "status": {"type": "string"}, "desired_state": {"type": "string"},
                  "queued": {"type": "array", "items": {"type": "object"}}}),
+            "/api/instances/{id}/apply-plan/": _admin_post(
+                "Apply a refused plan change anyway: the container's limits are lowered "
+                "even below what the store uses (409 when no change waits).",
+                {"job_id": {"type": "integer", "nullable": True},
+                 "status_url": {"type": "string", "nullable": True},
+                 "plan": {"type": "object"}}),
             "/api/instances/{id}/health/": _admin_get(
                 "Live check: container state and HTTP /health/.", with_id=True,
                 params=instance_id),

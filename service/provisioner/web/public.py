@@ -9,7 +9,7 @@ from pony.orm import db_session
 from pony.orm.core import OrmError
 from pony.orm.dbapiprovider import DBException
 
-from provisioner import admin, intake, models, subdomains
+from provisioner import admin, intake, models, plans, subdomains
 from provisioner.checkout import (
     CheckoutUnavailable,
     create_checkout_session,
@@ -98,6 +98,7 @@ def create_checkout(web: Web):
     try:
         site_name = validate_site_name(body.get("site_name"))
         email = validate_email(body.get("email"))
+        plan = plans.by_key(web.config, body.get("plan"))
         with db_session:
             name = subdomains.check_available(body.get("subdomain"), email=email)
     except subdomains.SubdomainTaken as exc:
@@ -105,7 +106,7 @@ def create_checkout(web: Web):
     except ValueError as exc:
         return json_response(400, {"error": str(exc)})
     try:
-        session = create_checkout_session(web.config, name, site_name, email)
+        session = create_checkout_session(web.config, name, site_name, email, plan)
     except CheckoutUnavailable as exc:
         return json_response(503, {"error": str(exc)})
     with db_session:
@@ -130,7 +131,9 @@ def openapi(web: Web):
 
 
 def signup_page(web: Web):
-    return render("signup.html", base_domain=web.config.base_domain)
+    return render("signup.html", base_domain=web.config.base_domain,
+                  plans=plans.all_plans(web.config),
+                  delete_after_days=web.config.delete_after_days)
 
 
 def signup_success(web: Web):
