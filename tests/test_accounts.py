@@ -76,10 +76,26 @@ def test_the_account_page_shows_only_the_customers_own_stores(config, customer_i
 
 def test_a_bad_or_expired_link_is_403_and_says_why(config, customer_id):
     app = create_app(config)
-    status, html, _ = page(app, f"/account/{link_for(customer_id, days=-1)}/")
+    status, html, headers = page(app, f"/account/{link_for(customer_id, days=-1)}/")
     assert status == 403 and "expired" in html
+    assert headers["Cache-Control"] == "no-store" and "nonce-" in \
+        headers["Content-Security-Policy"]
     status, html, _ = page(app, f"/account/{customer_id}.9999999999.forged/")
     assert status == 403 and "not valid" in html and "Jane" not in html
+    status, html, _ = page(app, f"/account/{customer_id}.9999999999.%C3%A9/")
+    assert status == 403 and "not valid" in html
+
+
+def test_an_account_link_never_reaches_the_log(config, customer_id, caplog, monkeypatch):
+    from provisioner.web import account
+
+    def broken(*args):
+        raise RuntimeError("boom")
+    monkeypatch.setattr(account.accounts, "view", broken)
+    link = link_for(customer_id)
+    status, _, _ = page(create_app(config), f"/account/{link}/")
+    assert status == 500
+    assert "/account/<link>/" in caplog.text and link not in caplog.text
 
 
 class PortalStub:

@@ -51,3 +51,18 @@ def test_each_store_gets_its_own_verdict():
         "blank": "unhealthy: container running, HTTP -1",
         "far": "unhealthy: cannot read containers on h2: Error connecting: refused",
     }
+
+
+def test_disk_usage_maps_each_hosts_du_lines_to_its_stores():
+    hostvars = {"a": {**store("a", 1), "ebuilder_instance_data_root": "/data/"},
+                "b": store("b", 2, engine="host2"), "c": store("c", 3, engine="host2")}
+    targets = store_health.disk_targets(hostvars, ["a", "b", "c"])
+    assert targets == {"localhost": {"/data/1": "a"},
+                       "host2": {"/srv/ebuilder/customers/2": "b",
+                                 "/srv/ebuilder/customers/3": "c"}}
+    measured = {"results": [
+        {"item": "localhost", "stdout": "2048\t/data/1\n"},
+        # du exits 1 when a dir is gone: the others it measured still count.
+        {"item": "host2", "rc": 1, "stdout": "5\t/srv/ebuilder/customers/3\n"
+                                             "9\t/somewhere/else\nnonsense"}]}
+    assert store_health.disk_usage(targets, measured) == {"a": 2.0, "c": 0.0}

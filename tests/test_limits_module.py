@@ -173,3 +173,12 @@ def test_only_memory_forced_below_use_restarts_the_store():
     assert not limits.restart_needed(memory, wanted(32), usage)
     assert not limits.restart_needed({"PidsLimit": 4}, wanted(8, pids_limit=4), usage)
     assert not limits.restart_needed(memory, wanted(8), {})  # stopped
+
+
+def test_keep_applies_the_limits_a_store_fits_and_leaves_the_others():
+    current = {"memory_mb": 0, "cpus": 0.0, "pids_limit": 0, "disk_mb": 0}
+    wanted = {"memory_mb": 1024, "cpus": 1.0, "pids_limit": 512, "disk_mb": 10}
+    usage = {"memory_mb": 40, "pids": 12, "disk_mb": 300}
+    down = limits.lowered(current, wanted)
+    assert limits.unfit(wanted, usage, down) == ["disk_mb"]
+    assert limits.fitting(current, wanted, ["disk_mb"]) == {**wanted, "disk_mb": 0}

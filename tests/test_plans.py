@@ -273,7 +273,7 @@ def test_a_refused_downgrade_keeps_the_old_plan_and_tells_the_admin(plan_config)
         instance = store()
         assert (instance.plan_price_id, instance.plan_refused, instance.plan_force) == \
             ("price_starter", None, False)
-    with db_session, pytest.raises(admin.Conflict, match="no plan change"):
+    with db_session, pytest.raises(admin.Conflict, match="no refused plan change"):
         admin.apply_plan(plan_config, store().id, admin.Actor("admin", "127.0.0.1"))
 
 
@@ -438,8 +438,10 @@ def test_revenue_counts_billed_subscriptions_at_their_own_prices(plan_config):
                 ("canceled", "price_pro", 2900)]
         for n, (status, price, monthly) in enumerate(rows):
             Subscription(stripe_id=f"sub_{n}", status=status, price_id=price,
-                         monthly_amount=monthly, currency="gbp",
+                         monthly_amount=monthly, currency="gbp", payment_confirmed=True,
                          canceled_at=now - timedelta(days=2) if status == "canceled" else None)
+        # A checkout that was never paid is no churn.
+        Subscription(stripe_id="sub_unpaid", status="canceled", canceled_at=now)
         Subscription(stripe_id="sub_old", status="canceled", canceled_at=now - timedelta(40))
         for n in range(3):
             StripeEvent(stripe_id=f"evt_f{n}", type="invoice.payment_failed", payload="{}")
@@ -488,3 +490,158 @@ def test_a_bad_plans_file_stops_start_up_with_one_line(tmp_path):
     assert checked.stderr.strip().splitlines() == [
         f"provisioner: configuration error: {bad}: plan 1: price_id must be a Stripe Price "
         f"id (price_...)"]
+
+
+# -- the plan's disk, measured -------------------------------------------------
+
+class MeasuringRunner(RecordingRunner):
+    """health.yml's answer: every store healthy, each data dir this many MiB."""
+
+    def __init__(self, usage: dict[str, float]):
+        super().__init__()
+        self.usage = usage
+        self.measured: list[bool] = []
+
+    def __call__(self, config, playbook, stores, secrets=None, **kwargs):
+        result = super().__call__(config, playbook, stores)
+        measure = bool((kwargs.get("extra_vars") or {}).get("health_measure_disk"))
+        self.measured.append(measure)
+        if measure:
+            result.disk_usage = dict(self.usage)
+        return result
+
+
+def test_the_sweep_measures_data_hourly_and_alerts_once_per_stretch_over_the_plan(
+        plan_config):
+    from provisioner import maintenance
+
+    shop = Customer(plan="starter")  # 1024 MiB of disk
+    deliver(plan_config, shop.checkout(), shop.subscription("active"))
+    runner = operations.BACKEND = MeasuringRunner({"plan-shop": 1500.0})
+    report = maintenance.health_sweep(plan_config)
+    assert runner.measured == [True] and report.counts["over their disk"] == 1
+    maintenance.health_sweep(plan_config)  # within DISK_CHECK_MINUTES: not measured
+    assert runner.measured == [True, False]
+    with db_session:
+        instance = store()
+        assert (instance.disk_used_mb, instance.disk_over_since is not None) == (1500.0, True)
+        instance.disk_measured_at -= timedelta(minutes=plan_config.disk_check_minutes)
+        detail = admin.instance_detail(plan_config, instance.id)
+    assert detail["disk"]["used_mb"] == 1500.0 and detail["disk"]["limit_mb"] == 1024
+    maintenance.health_sweep(plan_config)  # measured again, still over: no new alert
+    assert runner.measured[-1] is True
+    Worker(plan_config).run_once()
+    (alert,) = outbox(plan_config, "admin_disk_over")
+    assert "1500 MiB of the plan's 1024 MiB" in bodies(alert)[0]
+
+    runner.usage = {"plan-shop": 900.0}
+    with db_session:
+        store().disk_measured_at -= timedelta(minutes=plan_config.disk_check_minutes)
+    maintenance.health_sweep(plan_config)
+    with db_session:
+        assert (store().disk_used_mb, store().disk_over_since) == (900.0, None)
+
+
+
+# -- what a review found ---------------------------------------------------------
+
+def test_a_refused_change_is_tried_again_when_the_customer_changes_plan_again(plan_config):
+    shop = Customer(plan="pro")
+    runner = deliver(plan_config, shop.checkout(), shop.subscription("active"),
+                     shop.subscription("active", plan="starter"),
+                     runner=RefusingRunner(times=1))
+    with db_session:
+        assert store().plan_refused == "price_starter"
+    runner.times = 1
+    deliver(plan_config, shop.subscription("active", plan="pro"),
+            shop.subscription("active", plan="starter"), runner=runner)
+    with db_session:
+        assert store().plan_refused == "price_starter"
+    assert sum(1 for _, stores in runner.runs
+               if stores[0].get("limits_excess") == "refuse") == 2
+    Worker(plan_config).run_once()
+    assert len(outbox(plan_config, "admin_plan_refused")) == 2
+
+
+def test_a_forced_change_overtaken_by_another_price_forces_nothing_later(plan_config):
+    shop = Customer(plan="pro")
+    runner = deliver(plan_config, shop.checkout(), shop.subscription("active"),
+                     shop.subscription("active", plan="starter"),
+                     runner=RefusingRunner(times=1))
+    with db_session:
+        admin.apply_plan(plan_config, store().id, admin.Actor("admin", "127.0.0.1"))
+    record(shop.subscription("active", plan="pro"))  # before the forced run
+    Worker(plan_config).run_once()
+    with db_session:
+        assert (store().plan_price_id, store().plan_force) == ("price_pro", False)
+    deliver(plan_config, shop.subscription("active", plan="starter"), runner=runner)
+    assert runner.runs[-1][1][0]["limits_excess"] == "refuse"
+
+
+def test_a_plan_no_longer_in_the_file_leaves_the_limits_alone(plan_config, tmp_path):
+    from provisioner.ansible.store_vars import of_instance
+
+    shop = Customer(plan="pro")
+    deliver(plan_config, shop.checkout(), shop.subscription("active"))
+    smaller = tmp_path / "smaller.toml"
+    smaller.write_text(PLANS_TOML.split("[[plan]]")[0] + "[[plan]]"
+                       + PLANS_TOML.split("[[plan]]")[1])  # Starter only
+    retired = dataclasses.replace(plan_config, plans_file=str(smaller))
+    with db_session:
+        store_vars = of_instance(retired, store())
+        assert store_vars.memory_mb is None and store_vars.limits_excess is None
+        detail = admin.instance_detail(retired, store().id)
+    assert "price_pro" in detail["plan"]["name"]
+    assert "left as they are" in detail["plan"]["limits_text"]
+
+
+def test_a_broken_edit_of_the_plans_file_keeps_the_plans_it_had(plan_config, caplog):
+    assert [p.key for p in plans.all_plans(plan_config)] == ["starter", "pro"]
+    path = Path(plan_config.plans_file)
+    path.write_text("[[plan]]\nkey = 'broken'\n")
+    assert [p.key for p in plans.all_plans(plan_config)] == ["starter", "pro"]
+    assert "name is required" in caplog.text and "stay in use" in caplog.text
+
+
+def test_a_late_trial_reminder_after_the_trial_ended_sends_nothing(plan_config):
+    shop = Customer(plan="pro")
+    trial_end = int(time.time()) + 3 * 86400
+    reminder = shop.subscription("trialing", trial_end=trial_end,
+                                 event_type="customer.subscription.trial_will_end")
+    deliver(plan_config, shop.checkout(), shop.subscription("canceled", ended_at=shop.t),
+            reminder)
+    Worker(plan_config).run_once()
+    assert outbox(plan_config, "trial_ending") == []
+
+
+def test_a_payment_email_without_a_link_never_shows_the_stores_status(plan_config):
+    shop = Customer(plan="starter")
+    deliver(plan_config, shop.checkout(), shop.subscription("active"), shop.invoice())
+    with db_session:
+        store().status_message = "retrying: docker on host-7 said no"
+    deliver(plan_config, shop.invoice("invoice.payment_action_required",
+                                      hosted_invoice_url=None))
+    (mail,) = outbox(plan_config, "payment_action")
+    text, html = bodies(mail)
+    assert "host-7" not in text and "host-7" not in html and "/billing" in text
+
+
+def test_a_dispute_on_a_closed_store_still_alerts_and_stripe_down_retries(plan_config):
+    shop = Customer(plan="starter")
+    deliver(plan_config, shop.checkout(), shop.subscription("active"))
+    with db_session:
+        store().live = False  # destroyed long ago
+    dispute = stripe_events.resource("dispute")
+    dispute.update(id="du_test_2", amount=1200, currency="gbp", reason="fraudulent",
+                   status="needs_response", charge="ch_test_2", evidence={})
+    stripe_down = dataclasses.replace(plan_config, stripe_secret_key="sk_test_" + "k" * 20,
+                                      stripe_api_base="http://127.0.0.1:9")
+    evt = shop.tick(stripe_events.event("charge.dispute.created", dispute))
+    deliver(stripe_down, evt)
+    with db_session:
+        event = StripeEvent.get(stripe_id=evt["id"])
+        assert event.processed_at is None and "cannot read disputed charge" in event.error
+    dispute["charge"] = {**stripe_events.resource("charge"), "customer": shop.customer}
+    deliver(plan_config, shop.tick(stripe_events.event("charge.dispute.created", dispute)))
+    (alert,) = outbox(plan_config, "admin_dispute")
+    assert "du_test_2" in bodies(alert)[0]

@@ -62,6 +62,32 @@ def health_verdicts(hostvars, stores: list[str], listings: dict, pages: dict) ->
     return verdicts
 
 
+def disk_targets(hostvars, stores: list[str]) -> dict:
+    """The data dir of each store, by Docker host: {host: {data dir: store name}}."""
+    targets: dict[str, dict[str, str]] = {}
+    for name in stores:
+        store = hostvars[name]
+        # The role's data dir (ebuilder_instance vars/main.yml).
+        root = str(store.get("ebuilder_instance_data_root") or "/srv/ebuilder/customers")
+        path = f"{root.rstrip('/')}/{store['ebuilder_instance_id']}"
+        targets.setdefault(str(store["store_docker_host"]), {})[path] = name
+    return targets
+
+
+def disk_usage(targets: dict, measured: dict) -> dict:
+    """MiB each store's data dir takes, by name, from each host's `du -sk` (a store
+    whose dir could not be measured is left out: no figure beats a wrong one)."""
+    usage = {}
+    for host, result in _by_item(measured).items():
+        names = targets.get(host) or {}
+        for line in str(result.get("stdout") or "").splitlines():
+            size, _, path = line.partition("\t")
+            if size.isdigit() and path in names:
+                usage[names[path]] = round(int(size) / 1024, 1)
+    return usage
+
+
 class FilterModule:
     def filters(self):
-        return {"health_targets": health_targets, "health_verdicts": health_verdicts}
+        return {"health_targets": health_targets, "health_verdicts": health_verdicts,
+                "disk_targets": disk_targets, "disk_usage": disk_usage}

@@ -11,19 +11,16 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import secrets
 import time
 from datetime import datetime, timedelta
 
 import stripe
-from pony.orm import TransactionIntegrityError, db_session
 
 from provisioner import lifecycle, store_plans
 from provisioner.checkout import CheckoutUnavailable, stripe_client
 from provisioner.config import Config
-from provisioner.models import Customer, Setting, utcnow
+from provisioner.models import ACCOUNT_LINK_KEY, Customer, kept_setting, utcnow
 
-_KEY_NAME = "account_link_key"
 _keys: dict[str, bytes] = {}
 
 
@@ -36,18 +33,10 @@ class PortalUnavailable(Exception):
 
 
 def _key() -> bytes:
-    """The signing key: made once per database (needs bind)."""
-    if _KEY_NAME not in _keys:
-        for _ in range(2):
-            try:
-                with db_session:
-                    row = Setting.get(key=_KEY_NAME) or \
-                        Setting(key=_KEY_NAME, value=secrets.token_hex(32))
-                    _keys[_KEY_NAME] = bytes.fromhex(row.value)
-                break
-            except TransactionIntegrityError:
-                continue  # another process made it at the same moment: read theirs
-    return _keys[_KEY_NAME]
+    """The signing key, made once per database by models.open_database."""
+    if ACCOUNT_LINK_KEY not in _keys:
+        _keys[ACCOUNT_LINK_KEY] = bytes.fromhex(kept_setting(ACCOUNT_LINK_KEY))
+    return _keys[ACCOUNT_LINK_KEY]
 
 
 def _signature(message: str) -> str:
@@ -67,7 +56,8 @@ def verify(raw: str, now: float | None = None) -> int:
     parts = raw.split(".") if isinstance(raw, str) and len(raw) < 200 else []
     if len(parts) != 3 or not parts[0].isdigit() or not parts[1].isdigit():
         raise InvalidLink("this link is not valid")
-    if not hmac.compare_digest(_signature(f"{parts[0]}.{parts[1]}"), parts[2]):
+    if not hmac.compare_digest(_signature(f"{parts[0]}.{parts[1]}").encode(),
+                               parts[2].encode("utf-8", "replace")):
         raise InvalidLink("this link is not valid")
     if int(parts[1]) < (now if now is not None else time.time()):
         raise InvalidLink("this link has expired; the newest email we sent you has a fresh one")
@@ -84,13 +74,13 @@ def view(config: Config, customer: Customer) -> dict:
     stores = []
     for instance in customer.instances.select(lambda i: i.live).order_by(lambda i: i.id):
         subscription = instance.subscription
-        plan = store_plans.current(config, instance)
         grace = lifecycle.grace_ends(instance, config)
         stores.append({
             "site_name": instance.site_name,
             "url": config.store_url(instance.subdomain),
             "state": _STATE_WORDS.get(instance.status, "being set up"),
-            "plan": plan.name, "price": plan.price_text,
+            "plan": store_plans.name_of(config, instance),
+            "price": store_plans.billed_text(config, instance),
             "renews": _day(subscription.current_period_end) if subscription else "",
             "trial_ends": _day(subscription.trial_end) if subscription and
             subscription.status == "trialing" else "",

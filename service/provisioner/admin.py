@@ -291,12 +291,20 @@ def plan_detail(config: Config, instance: Instance) -> dict:
     wanted = store_plans.wanted(config, instance)
     subscription = instance.subscription
     asked = plans.by_price(config, subscription.price_id) if subscription else None
-    return {"plan": {**current.as_dict(), "limits_text": current.limits_text()},
-            "plan_pending": wanted.as_dict() if wanted != current else None,
+    shown = {**current.as_dict(), "limits_text": current.limits_text()} if current else {
+        "name": store_plans.name_of(config, instance), "price_id": instance.plan_price_id,
+        "price_text": store_plans.billed_text(config, instance),
+        "limits_text": "limits left as they are (its plan is no longer in the plans file)"}
+    return {"plan": shown,
+            "plan_pending": wanted.as_dict() if wanted and wanted != current else None,
             "plan_refused": asked.as_dict() if asked and instance.plan_refused ==
             asked.price_id and asked != current else None,
             "plan_problem": instance.plan_problem,
-            "unknown_price": store_plans.unknown_price(config, instance)}
+            "unknown_price": store_plans.unknown_price(config, instance),
+            "disk": {"used_mb": instance.disk_used_mb,
+                     "limit_mb": current.disk_mb if current else None,
+                     "measured_at": _iso(instance.disk_measured_at),
+                     "over_since": _iso(instance.disk_over_since)}}
 
 
 def billing_events(customer: Customer | None) -> list[dict]:

@@ -71,17 +71,21 @@ def apply_subscription(config: Config, sub: dict, at: datetime) -> Subscription:
         subscription.current_period_start = start or subscription.current_period_start
         subscription.current_period_end = end or subscription.current_period_end
         subscription.cancel_at = timestamp(sub.get("cancel_at"))
-        subscription.canceled_at = timestamp(sub.get("canceled_at")) or \
-            timestamp(sub.get("ended_at"))
+        # When it ended (a cancellation at the period's end is asked for earlier).
+        subscription.canceled_at = timestamp(sub.get("ended_at")) or \
+            timestamp(sub.get("canceled_at"))
     if subscription.snapshot_at is None or at >= subscription.snapshot_at:
         subscription.snapshot_at = at
         subscription.trial_end = timestamp(sub.get("trial_end"))
         price_id, monthly, currency = subscription_price(sub)
         if price_id and price_id != subscription.price_id:
-            if subscription.price_id:
-                for instance in subscription.instances.select(lambda i: i.live):
+            for instance in subscription.instances.select(lambda i: i.live):
+                if subscription.price_id:
                     LogEntry(instance=instance, message=f"subscription's price changed "
                                                         f"{subscription.price_id} -> {price_id}")
+                # A new change replaces one refused or forced before it.
+                instance.plan_refused = instance.plan_problem = None
+                instance.plan_force = False
             subscription.price_id = price_id
         if monthly is not None:
             subscription.monthly_amount = monthly

@@ -86,6 +86,7 @@ class Config:
     health_wait_seconds: int
     health_alert_after: int
     health_interval_minutes: int
+    disk_check_minutes: int
     sync_interval_minutes: int
     cleanup_at: str
     artifact_retention_days: int

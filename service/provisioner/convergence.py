@@ -39,7 +39,7 @@ class Batch:
     jobs: dict[int, StoreVars] = field(default_factory=dict)
     secrets: dict[str, dict] = field(default_factory=dict)
     # Converge jobs: the plan each store is given (a refusal names it).
-    plans: dict[int, store_plans.Plan] = field(default_factory=dict)
+    plans: dict[int, store_plans.Plan] = field(default_factory=dict)  # only plan changes
 
     def add(self, job: Job, store: StoreVars) -> None:
         instance = job.instance
@@ -60,10 +60,11 @@ def _needs_no_run(config: Config, instance: Instance) -> bool:
 def plan_converge(config: Config, job_ids: list[int]) -> list[Batch]:
     """Stores to bring to their desired state and plan, one batch per target state."""
     batches: dict[str, Batch] = {}
-    plans: dict[int, store_plans.Plan] = {}
+    plans: dict[int, store_plans.Plan | None] = {}
 
     def converged(instance: Instance, desired: StoreState) -> None:
-        store_plans.applied(instance, plans[instance.id])
+        if plans[instance.id] is not None:
+            store_plans.applied(instance, plans[instance.id])
         lifecycle.converged(instance, desired)
 
     with db_session:
@@ -83,7 +84,7 @@ def plan_converge(config: Config, job_ids: list[int]) -> list[Batch]:
                         else Operation.SUSPEND,
                         on_success=lambda i, d=desired: converged(i, d))
                 plans[instance.id] = plan = store_plans.wanted(config, instance)
-                changing = plan != store_plans.current(config, instance)
+                changing = plan is not None and plan != store_plans.current(config, instance)
                 batches[desired].add(job, of_instance(config, instance, plan).with_(
                     page=VHOST_OF_STATE.get(desired),
                     limits_excess="force" if instance.plan_force else

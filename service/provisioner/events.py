@@ -14,6 +14,8 @@ import secrets
 from collections.abc import Callable
 from datetime import datetime
 
+from pony.orm import desc
+
 from provisioner import docker_hosts, jobs, lifecycle, plans, stripe_sync, subdomains
 from provisioner.billing import (
     apply_subscription,
@@ -230,9 +232,10 @@ def trial_will_end(config: Config, sub: dict, at: datetime) -> None:
     refresh_unknown_customer(config, object_id(sub.get("customer")))
     subscription = apply_subscription(config, sub, at)
     ends = subscription.trial_end
-    for instance in subscription.instances.select(lambda i: i.live):
-        lifecycle.notify(instance, "trial_ending",
-                         key=ends.isoformat(timespec="seconds") if ends else "-")
+    # Late, after the trial was paid or cancelled: nothing to remind of.
+    if subscription.status == "trialing" and ends is not None and ends > utcnow():
+        for instance in subscription.instances.select(lambda i: i.live):
+            lifecycle.notify(instance, "trial_ending", key=ends.isoformat(timespec="seconds"))
     reconcile_all(config, subscription)
 
 
@@ -267,11 +270,11 @@ def _dispute_customer(config: Config, dispute: dict) -> Customer | None:
         else None
     if stripe_customer_id is None and object_id(charge) and config.stripe_secret_key:
         try:
-            found = stripe_sync.charge_customer(config, object_id(charge))
+            stripe_customer_id = stripe_sync.charge_customer(config, object_id(charge))
         except stripe_sync.StripeUnavailable as exc:
-            log.warning("could not read charge %s from Stripe: %s", object_id(charge), exc)
-            found = None
-        stripe_customer_id = found
+            # Retried: a dispute must not go unnoticed because Stripe's API hiccuped.
+            raise EventError(f"cannot read disputed charge {object_id(charge)} from "
+                             f"Stripe: {exc}") from None
     if stripe_customer_id:
         return Customer.get(stripe_id=stripe_customer_id)
     email = ((dispute.get("evidence") or {}).get("customer_email_address") or "").strip()
@@ -291,7 +294,10 @@ def dispute(config: Config, obj: dict, at: datetime) -> str | None:
     if customer is None:
         LogEntry(level="warning", message=f"{text}: no customer of ours found")
         return None
-    for instance in customer.instances.select(lambda i: i.live):
+    # Disputes often come after a store was closed: its newest store carries the alert.
+    stores = customer.instances.select(lambda i: i.live)[:] or \
+        customer.instances.select().order_by(desc(Instance.id))[:1]
+    for instance in stores:
         LogEntry(instance=instance, level="warning" if opened else "info", message=text)
         if opened:
             lifecycle.notify(instance, "admin_dispute", key=str(obj.get("id") or "-"),

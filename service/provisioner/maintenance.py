@@ -13,7 +13,7 @@ from pony.orm import db_session, desc, flush, select
 from pony.orm import max as query_max
 from pony.orm import min as query_min
 
-from provisioner import docker_facts, docker_hosts, jobs, lifecycle
+from provisioner import docker_facts, docker_hosts, jobs, lifecycle, store_plans
 from provisioner.ansible import operations
 from provisioner.ansible.operations import Operation
 from provisioner.ansible.store_vars import of_instance, with_target
@@ -110,13 +110,19 @@ def health_sweep(config: Config, progress: Progress = _quiet) -> Report:
     report = Report("health", counts={"healthy": 0, "unhealthy": 0})
     started = time.perf_counter()
     with db_session:
-        stores = [of_instance(config, i) for i in _running_stores()]
+        running = _running_stores()
+        stores = [of_instance(config, i) for i in running]
+        measure = _disk_check_due(config, running)
     if not stores:
         return report
-    progress(f"checking {len(stores)} store(s) in one playbook run…")
-    result = operations.run(config, Operation.HEALTH, stores)
+    progress(f"checking {len(stores)} store(s) in one playbook run"
+             + (", measuring their data…" if measure else "…"))
+    result = operations.run(config, Operation.HEALTH, stores,
+                            extra_vars={"health_measure_disk": True} if measure else None)
     to_restart = []
     with db_session:
+        if measure:
+            report.counts["over their disk"] = _record_disk_usage(config, result.disk_usage)
         for store in stores:
             instance = Instance[int(store.instance_id)]
             outcome = result.hosts[store.name]
@@ -168,6 +174,42 @@ def health_sweep(config: Config, progress: Progress = _quiet) -> Report:
         report.counts["restarted"] = len(to_restart)
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _disk_check_due(config: Config, running: list[Instance]) -> bool:
+    """The data dirs are measured every DISK_CHECK_MINUTES, not every sweep: `du` walks
+    every file of every store."""
+    oldest = min((i.disk_measured_at for i in running if i.disk_measured_at), default=None)
+    unmeasured = any(i.disk_measured_at is None for i in running)
+    return unmeasured or oldest is None or \
+        utcnow() - oldest >= timedelta(minutes=config.disk_check_minutes)
+
+
+def _record_disk_usage(config: Config, usage: dict[str, float]) -> int:
+    """Each measured store's data size; the admin hears once when a store outgrows its
+    plan's disk (Docker cannot hold a bind-mounted dir to it). How many are over."""
+    now = utcnow()
+    over = 0
+    for name, mib in usage.items():
+        instance = Instance.get(subdomain=name, live=True)
+        if instance is None:
+            continue
+        instance.disk_used_mb, instance.disk_measured_at = mib, now
+        plan = store_plans.current(config, instance)
+        limit = plan.disk_mb if plan is not None else 0
+        if limit and mib > limit:
+            over += 1
+            if instance.disk_over_since is None:
+                instance.disk_over_since = now
+                LogEntry(instance=instance, level="warning",
+                         message=f"data takes {mib:g} MiB, more than the plan's {limit} MiB")
+            lifecycle.notify(instance, "admin_disk_over",
+                             key=instance.disk_over_since.isoformat(timespec="seconds"),
+                             text=f"{mib:g} MiB of the plan's {limit} MiB")
+        elif instance.disk_over_since is not None:
+            instance.disk_over_since = None
+            LogEntry(instance=instance, message=f"data back within the plan's disk ({mib:g} MiB)")
+    return over
 
 
 def _record_healthy(instance: Instance) -> None:

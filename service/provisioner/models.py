@@ -115,6 +115,11 @@ class Instance(db.Entity):
     plan_problem = Optional(str, nullable=True)
     # An admin said: apply the plan's limits even below what the store uses.
     plan_force = Required(bool, default=False)
+    # What its data dir takes (MiB), measured by the health sweep; since when it is
+    # over its plan's disk (one admin alert per such stretch).
+    disk_used_mb = Optional(float)
+    disk_measured_at = Optional(datetime)
+    disk_over_since = Optional(datetime)
     # Start of the current suspension or closure; keys its notices.
     stopped_since = Optional(datetime)
     delete_after = Optional(datetime)
@@ -291,24 +296,32 @@ ADDED_COLUMNS = (
     ("Instance", "plan_problem", "TEXT", "TEXT"),
     ("Instance", "plan_force", "BOOLEAN NOT NULL DEFAULT 0", "BOOLEAN NOT NULL DEFAULT false"),
     ("StripeEvent", "stripe_customer_id", "TEXT", "TEXT"),
+    ("Instance", "disk_used_mb", "REAL", "DOUBLE PRECISION"),
+    ("Instance", "disk_measured_at", "DATETIME", "TIMESTAMP"),
+    ("Instance", "disk_over_since", "DATETIME", "TIMESTAMP"),
 )
 
 
 def _add_columns(database: Database) -> None:
     """ALTER TABLE ... ADD COLUMN for each of ADDED_COLUMNS an existing table lacks."""
+    provider = database.provider
     postgres = database.provider_name == "postgres"
     connection = database.get_connection()
     cursor = connection.cursor()
     for table, column, sqlite_type, postgres_type in ADDED_COLUMNS:
+        # As Pony names them (PostgreSQL's are lower case).
+        name, field = provider.normalize_name(table), provider.normalize_name(column)
         if postgres:
             cursor.execute("SELECT column_name FROM information_schema.columns "
-                           "WHERE table_name = %s", (table.lower(),))
+                           "WHERE table_schema = current_schema() AND table_name = %s",
+                           (name,))
         else:
-            cursor.execute(f'PRAGMA table_info("{table}")')
-        columns = {row[0 if postgres else 1].lower() for row in cursor.fetchall()}
-        if columns and column.lower() not in columns:
+            cursor.execute(f"PRAGMA table_info({provider.quote_name(name)})")
+        columns = {row[0 if postgres else 1] for row in cursor.fetchall()}
+        if columns and field not in columns:
             kind = postgres_type if postgres else sqlite_type
-            cursor.execute(f'ALTER TABLE "{table}" ADD COLUMN "{column}" {kind}')
+            cursor.execute(f"ALTER TABLE {provider.quote_name(name)} "
+                           f"ADD COLUMN {provider.quote_name(field)} {kind}")
             log.warning("database: added column %s.%s", table, column)
     connection.commit()
 
@@ -479,26 +492,36 @@ def installation_id(config: Config) -> str:
     """This database's installation id (needs bind): generated, or INSTALLATION_ID, on
     first use and kept. A different INSTALLATION_ID later is refused: everything this
     installation made carries the old one, so every store would look foreign."""
+    value = kept_setting("installation_id",
+                         lambda: config.installation_id or f"eb-{secrets.token_hex(6)}")
+    if config.installation_id and value != config.installation_id:
+        raise ConfigError(
+            f"INSTALLATION_ID is {config.installation_id!r} but this database "
+            f"belongs to installation {value!r}; unset it or set it back")
+    return value
+
+
+def kept_setting(key: str, make=lambda: secrets.token_hex(32)) -> str:
+    """A value made once for this database and kept (the installation id, the signing key
+    of the customers' account links). open_database makes them in their own transaction:
+    one made inside a request's could roll back after a link was signed with it."""
     for _ in range(2):
         try:
             with db_session:
-                row = Setting.get(key="installation_id")
-                if row is None:
-                    row = Setting(key="installation_id",
-                                  value=config.installation_id or f"eb-{secrets.token_hex(6)}")
-                if config.installation_id and row.value != config.installation_id:
-                    raise ConfigError(
-                        f"INSTALLATION_ID is {config.installation_id!r} but this database "
-                        f"belongs to installation {row.value!r}; unset it or set it back")
+                row = Setting.get(key=key) or Setting(key=key, value=make())
                 return row.value
         except TransactionIntegrityError:
             continue  # another process made it at the same moment: read theirs
-    raise ConfigError("could not read or create the installation id")
+    raise ConfigError(f"could not read or create the database's {key}")
+
+
+ACCOUNT_LINK_KEY = "account_link_key"
 
 
 def open_database(config: Config) -> Config:
     """Bind the database and return the config with its installation id filled in."""
     bind(config)
+    kept_setting(ACCOUNT_LINK_KEY)
     return dataclasses.replace(config, installation_id=installation_id(config))
 
 

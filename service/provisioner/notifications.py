@@ -33,6 +33,7 @@ SUBJECTS = {
     "payment_action": "Please confirm your payment for {site_name}",
     "admin_dispute": "[provisioner] store {subdomain}: a payment is disputed",
     "admin_plan_refused": "[provisioner] store {subdomain}: plan change refused",
+    "admin_disk_over": "[provisioner] store {subdomain} uses more disk than its plan",
     "admin_attention": "[provisioner] store {subdomain} needs attention",
     "admin_unhealthy": "[provisioner] store {subdomain} is unhealthy",
     "admin_job_failed": "[provisioner] store {subdomain}: a job failed",
@@ -67,13 +68,13 @@ def _context(config: Config, instance: Instance, notice: str) -> dict:
     subscription = instance.subscription
     account_url = accounts.account_url(config, instance.customer) \
         if instance.customer is not None and notice in ACCOUNT_LINK_NOTICES else ""
-    plan = store_plans.current(config, instance)
     return {
         "account_url": account_url,
         "billing_url": account_url + "billing" if account_url else "",
         "admin_page": f"{config.public_url}/admin/instances/{instance.id}/",
-        "plan_name": plan.name,
-        "plan_price": plan.price_text,
+        "plan_name": store_plans.name_of(config, instance),
+        "plan_price": store_plans.billed_text(config, instance),
+        "status": instance.status,
         "trial_end": subscription.trial_end.date().isoformat()
         if subscription and subscription.trial_end else "",
         "plan_problem": instance.plan_problem or "",

@@ -19,6 +19,7 @@ PLANS_FILE is TOML, one `[[plan]]` table per plan (docs/plans.md):
 
 from __future__ import annotations
 
+import logging
 import re
 import tomllib
 from dataclasses import asdict, dataclass
@@ -26,6 +27,7 @@ from pathlib import Path
 
 from provisioner.config import Config, ConfigError
 
+log = logging.getLogger(__name__)
 _KEY = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 _CURRENCY = re.compile(r"[a-z]{3}")
 # Limits of the plan made from STRIPE_PRICE_ID when there is no PLANS_FILE: one store
@@ -123,6 +125,10 @@ def parse(text: str, where: str = "PLANS_FILE") -> tuple[Plan, ...]:
 
 
 _cache: dict[tuple, tuple[Plan, ...]] = {}
+# The last file that parsed, by path: an edit that breaks it while the service runs
+# is logged and the plans it had stay (start-up and `settings --check` refuse it).
+_last_good: dict[str, tuple[Plan, ...]] = {}
+_reported: set[tuple] = set()
 
 
 def all_plans(config: Config) -> tuple[Plan, ...]:
@@ -137,11 +143,21 @@ def all_plans(config: Config) -> tuple[Plan, ...]:
         stat = path.stat()
         key = (str(path), stat.st_mtime_ns, stat.st_size)
         if key not in _cache:
+            found = parse(path.read_text(), where=str(path))
             _cache.clear()
-            _cache[key] = parse(path.read_text(), where=str(path))
+            _cache[key] = _last_good[str(path)] = found
+        return _cache[key]
     except OSError as exc:
-        raise ConfigError(f"PLANS_FILE {path}: {exc.strerror}") from None
-    return _cache[key]
+        problem = ConfigError(f"PLANS_FILE {path}: {exc.strerror}")
+        key = (str(path), "unreadable")
+    except ConfigError as exc:
+        problem = exc
+    if str(path) not in _last_good:
+        raise problem from None
+    if key not in _reported:
+        _reported.add(key)
+        log.error("%s; the plans read before stay in use until it is fixed", problem)
+    return _last_good[str(path)]
 
 
 def default(config: Config) -> Plan:

@@ -4,7 +4,8 @@ queries however many subscriptions there are.
 
 MRR (minor units a month, per currency) counts what is billed each month by
 subscriptions that are active or past due (a past-due one is still owed, as Stripe
-counts it); trials are not revenue yet.
+counts it); trials are not revenue yet. Prices are list prices: a promotion code's
+discount is not taken off.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from provisioner.config import Config
 from provisioner.models import StripeEvent, Subscription, utcnow
 
 BILLED = ("active", "past_due")
-_ENDED = ("canceled", "incomplete_expired")
 
 
 def figures(config: Config, days: int = 30) -> dict:
@@ -41,7 +41,7 @@ def figures(config: Config, days: int = 30) -> dict:
         currency = currency or (plan.currency if plan else fallback.currency)
         row = by_plan.setdefault(price_id, {
             "price_id": price_id, "plan": plan.name if plan else None,
-            "price_text": plan.price_text if plan else None,
+            "price_text": plan.price_text if plan else None, "currency": currency,
             "active": 0, "trialing": 0, "past_due": 0, "unpaid_or_paused": 0,
             "mrr_pence": 0})
         key = status if status in ("active", "trialing", "past_due") else "unpaid_or_paused"
@@ -54,10 +54,13 @@ def figures(config: Config, days: int = 30) -> dict:
     for plan in known.values():
         by_plan.setdefault(plan.price_id, {
             "price_id": plan.price_id, "plan": plan.name, "price_text": plan.price_text,
+            "currency": plan.currency,
             "active": 0, "trialing": 0, "past_due": 0, "unpaid_or_paused": 0,
             "mrr_pence": 0})
     billed_now = sum(r["active"] + r["past_due"] for r in by_plan.values())
-    cancelled = Subscription.select(lambda s: s.status in _ENDED and s.canceled_at is not None
+    # Those that paid and ended: a checkout never paid, a trial never billed is no churn.
+    cancelled = Subscription.select(lambda s: s.status == "canceled" and s.payment_confirmed
+                                    and s.canceled_at is not None
                                     and s.canceled_at >= since).count()
     # Churn over the window: those who ended in it, of those billed at its start (the
     # billed now plus the ended since; new ones of the window slightly dilute it).

@@ -194,6 +194,9 @@ SETTINGS: tuple[Setting, ...] = (
       "failed checks in a row before the admin is emailed"),
     S("HEALTH_INTERVAL_MINUTES", "health_interval_minutes", 5, integer(1, 1440),
       "health sweep interval inside `serve`"),
+    S("DISK_CHECK_MINUTES", "disk_check_minutes", 60, integer(5, 10080),
+      "how often the health sweep also measures each store's data dir against its plan's "
+      "disk (`du`, once per Docker host)"),
     S("SYNC_INTERVAL_MINUTES", "sync_interval_minutes", 60, integer(1, 10080),
       "sync interval inside `serve`"),
     S("CLEANUP_AT", "cleanup_at", "03:30", time_of_day, "daily cleanup time inside `serve`"),

@@ -12,12 +12,16 @@ from provisioner.models import Instance, LogEntry, utcnow
 from provisioner.plans import Plan, by_price, default
 
 
-def current(config: Config, instance: Instance) -> Plan:
-    """The plan whose limits the store's container has (or gets when first made)."""
-    return by_price(config, instance.plan_price_id) or default(config)
+def current(config: Config, instance: Instance) -> Plan | None:
+    """The plan whose limits the store's container has (or gets when first made); a
+    store made before plans has the default plan. None when its plan left the plans
+    file: its limits are then left as they are, never swapped for another plan's."""
+    if instance.plan_price_id is None:
+        return default(config)
+    return by_price(config, instance.plan_price_id)
 
 
-def wanted(config: Config, instance: Instance) -> Plan:
+def wanted(config: Config, instance: Instance) -> Plan | None:
     """The plan billing asks for, unless that change was refused and not forced since."""
     subscription = instance.subscription
     price_id = subscription.price_id if subscription is not None else None
@@ -29,8 +33,28 @@ def wanted(config: Config, instance: Instance) -> Plan:
 
 def change_pending(config: Config, instance: Instance) -> bool:
     """A built store whose container should get another plan's limits."""
-    return instance.provisioned_at is not None and \
-        wanted(config, instance).price_id != current(config, instance).price_id
+    if instance.provisioned_at is None:
+        return False
+    plan, have = wanted(config, instance), current(config, instance)
+    return plan is not None and (have is None or plan.price_id != have.price_id)
+
+
+def name_of(config: Config, instance: Instance) -> str:
+    """The plan's name for people; a plan no longer in the file by its Price."""
+    plan = current(config, instance)
+    return plan.name if plan is not None else f"{instance.plan_price_id} (not in the plans)"
+
+
+def billed_text(config: Config, instance: Instance) -> str:
+    """What the customer pays a month: their subscription's own price when Stripe told
+    us (a discount, a plan change not applied yet), else their plan's."""
+    subscription = instance.subscription
+    if subscription is not None and subscription.monthly_amount is not None:
+        return Plan(key="x", name="x", price_id="price_x", currency=subscription.currency
+                    or default(config).currency,
+                    price_pence=subscription.monthly_amount).price_text
+    plan = current(config, instance)
+    return plan.price_text if plan is not None else ""
 
 
 def unknown_price(config: Config, instance: Instance) -> str | None:
@@ -61,15 +85,16 @@ def refused(instance: Instance, plan: Plan, reason: str) -> None:
     instance.plan_force = False
     instance.updated_at = utcnow()
     LogEntry(instance=instance, level="warning", message=f"plan {plan.name} refused: {reason}")
-    lifecycle.notify(instance, "admin_plan_refused", key=plan.price_id)
+    lifecycle.notify(instance, "admin_plan_refused",
+                     key=f"{plan.price_id}@{utcnow().isoformat(timespec='microseconds')}")
 
 
 def force(config: Config, instance: Instance) -> Plan:
     """An admin applies the refused plan anyway (needs a db_session); returns it."""
     subscription = instance.subscription
     plan = by_price(config, subscription.price_id if subscription else None)
-    if plan is None or plan.price_id == instance.plan_price_id:
-        raise ValueError("no plan change is waiting for this store")
+    if plan is None or plan.price_id != instance.plan_refused:
+        raise ValueError("no refused plan change is waiting for this store")
     instance.plan_force = True
     instance.plan_refused = None
     LogEntry(instance=instance, message=f"plan {plan.name} to be applied although refused")

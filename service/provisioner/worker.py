@@ -240,7 +240,8 @@ class Worker:
         instance = job.instance
         if notice == "welcome" and instance.status != StoreState.RUNNING:
             return None  # the store went away before it was ready; no login to send
-        detail = text or instance.status_message or ""
+        # The store's status message is for admins; a customer's email says only its text.
+        detail = text or (instance.status_message or "" if notice.startswith("admin_") else "")
         if notice == "admin_welcome_delayed":
             welcome = instance.jobs.select(
                 lambda j: j.kind == JobKind.NOTIFY and j.detail == "welcome|-").first()

@@ -137,6 +137,25 @@ def test_limits_at_creation_raised_in_place_and_a_refused_downgrade(service):
     assert (data / "media" / "kept.txt").exists()
 
 
+def test_the_health_sweep_measures_data_against_the_plans_disk(service):
+    shop = Shop(service, "disk-shop", "tiny")  # 1 MiB of disk
+    shop.sign_up()
+    with db_session:
+        number = store("disk-shop").id
+    data = service.config.customer_data_root / str(number)
+    (data / "media" / "photos.bin").write_bytes(b"x" * (3 * MIB))
+    swept = service.cli("health")
+    assert swept.returncode == 0, swept.stdout + swept.stderr
+    assert "over their disk" in swept.stdout
+    with db_session:
+        instance = store("disk-shop")
+        assert instance.disk_used_mb >= 3 and instance.disk_over_since is not None
+    poll(lambda: mails(service, b"disk-shop uses more disk than its plan"), timeout=60,
+         what="the admin's disk alert")
+    _, detail = service.api("GET", f"/api/instances/{number}/")
+    assert detail["disk"]["limit_mb"] == 1 and detail["disk"]["used_mb"] >= 3
+
+
 # -- localstripe ------------------------------------------------------------
 
 @pytest.fixture

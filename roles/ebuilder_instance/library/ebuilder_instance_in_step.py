@@ -155,8 +155,9 @@ def difference(store: dict, docker_host: str, timeout: int, images: dict,
     if not _file_is(os.path.join(data_dir, "secret_key"), 0o600):
         return "no secret key"
     # As container.yml records it (to_json of the module's disk_mb).
+    manage_limits = str(store.get("manage_limits", True)).lower() not in ("false", "0")
     disk = json.dumps({"disk_mb": max(int(store.get("disk_mb") or 0), 0)}) + "\n"
-    if not _file_is(os.path.join(data_dir, ".limits"), 0o600, disk):
+    if manage_limits and not _file_is(os.path.join(data_dir, ".limits"), 0o600, disk):
         return "disk limit not recorded as the plan's"
     status, info = _get(docker_host, f"/containers/{store['container']}/json", timeout)
     if status != 200:
@@ -185,8 +186,8 @@ def difference(store: dict, docker_host: str, timeout: int, images: dict,
         if status != 200:
             return f"engine info unreadable (HTTP {status})"
         engine.update(answer)
-    if limits_differ(host, store, int(engine.get("NCPU") or 1),
-                     bool(engine.get("SwapLimit", True))):
+    if manage_limits and limits_differ(host, store, int(engine.get("NCPU") or 1),
+                                       bool(engine.get("SwapLimit", True))):
         return "limits differ"
     if (host.get("PortBindings") or {}) != {"8000/tcp": [{"HostIp": "127.0.0.1",
                                                          "HostPort": str(store["port"])}]}:

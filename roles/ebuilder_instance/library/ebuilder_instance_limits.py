@@ -16,9 +16,10 @@ description:
     memory without the inactive page cache, as C(docker stats) counts it; its processes;
     its data dir's size against O(disk_mb)). When it uses more, what happens is
     O(excess)'s: C(refuse) fails with a message starting C(plan refused:) and changes
-    nothing; C(keep) changes nothing either but succeeds, saying why in RV(kept) (a
-    store run with the plan it already has, whose limits were never applied: an
-    upgrade of the provisioner, a plan's limits edited); C(force) applies them.
+    nothing; C(keep) applies the limits the store fits, leaves the others as they were
+    and succeeds, saying why in RV(kept) (a store run with the plan it already has,
+    whose limits were never applied: an upgrade of the provisioner, a plan's limits
+    edited); C(force) applies them all.
   - Docker cannot enforce O(disk_mb) on bind-mounted data dirs. The disk limit last applied
     is read from C(<data_dir>/.limits) (the role writes it), so the size is only checked when
     O(disk_mb) is lowered; a store that outgrew its disk is not refused every run.
@@ -114,7 +115,7 @@ forced:
   type: list
   elements: str
 kept:
-  description: With O(excess=keep), why the limits were left as they were; empty otherwise.
+  description: With O(excess=keep), why some limits were left as they were; else empty.
   returned: always
   type: list
   elements: str
@@ -194,6 +195,19 @@ def lowered(current: dict, wanted: dict) -> list[str]:
 
 def _mib(value: float) -> str:
     return f"{math.ceil(value * 10) / 10:g}"
+
+
+def unfit(wanted: dict, usage: dict, lowered_limits: list[str]) -> list[str]:
+    """The lowered limits the store does not fit (CPU is only ever slower: never)."""
+    used = {"memory_mb": usage.get("memory_mb", 0), "pids_limit": usage.get("pids", 0),
+            "disk_mb": usage.get("disk_mb", 0)}
+    return [name for name in ("memory_mb", "pids_limit", "disk_mb")
+            if name in lowered_limits and used[name] > wanted[name]]
+
+
+def fitting(current: dict, wanted: dict, unfit_limits: list[str]) -> dict:
+    """`wanted`, but the limits the store does not fit as they were (excess=keep)."""
+    return {**wanted, **{name: current[name] for name in unfit_limits}}
 
 
 def refusals(container: str, wanted: dict, usage: dict, lowered_limits: list[str]) -> list[str]:
@@ -355,10 +369,14 @@ def main() -> None:
     reasons = refusals(name, wanted, held, down)
     if reasons and p["excess"] == "refuse":
         module.fail_json(msg=refusal_message(reasons), limits=current, usage=shown)
+    kept: list[str] = []
     if reasons and p["excess"] == "keep":
+        # The limits it fits are applied; those it does not stay as they were.
+        kept = reasons
         module.warn(refusal_message(reasons).replace(REFUSED, "plan's limits kept: ", 1))
-        module.exit_json(changed=False, limits=current, previous=current, usage=shown,
-                         forced=[], kept=reasons)
+        wanted = fitting(current, wanted, unfit(wanted, held, down))
+        body = update_body(host_config, wanted, ncpu, bool(info.get("SwapLimit", True)))
+        reasons = []
     stop_first = restart_needed(body, wanted, usage)
     if body and not module.check_mode:
         steps = [("POST", f"/containers/{container['Id']}/stop?t=30", None)] if stop_first else []
@@ -371,7 +389,7 @@ def main() -> None:
                 module.fail_json(msg=f"cannot update the limits of {name} (HTTP {status}): "
                                      f"{answer.get('message')}", limits=current, usage=shown)
     module.exit_json(changed=bool(body), limits=wanted, previous=current, usage=shown,
-                     forced=reasons, kept=[], stopped_for_update=stop_first)
+                     forced=reasons, kept=kept, stopped_for_update=stop_first)
 
 
 if __name__ == "__main__":

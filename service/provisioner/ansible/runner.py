@@ -57,6 +57,8 @@ RUN_MARK = "PROVISIONER_ANSIBLE_RUN"
 # store name -> '' or why it failed. It is each named store's result, whatever
 # the host the judging task ran on did afterwards.
 OUTCOMES_FACT = "provisioner_outcomes"
+# health.yml -e health_measure_disk=true: store name -> MiB its data dir takes.
+DISK_USAGE_FACT = "provisioner_disk_usage"
 # How long an ended run's processes get between SIGTERM and SIGKILL.
 KILL_GRACE_SECONDS = 5.0
 # How often ansible-runner looks at the cancel callback and the timeout while
@@ -99,15 +101,12 @@ class RunResult:
     hosts: dict[str, HostOutcome] = field(default_factory=dict)
     # The AnsibleRun row, once recorded.
     run_id: int | None = None
+    # DISK_USAGE_FACT, when the run measured it.
+    disk_usage: dict[str, float] = field(default_factory=dict)
 
     @property
     def timed_out(self) -> bool:
         return self.status == TIMEOUT
-
-    @property
-    def plan_refused(self) -> bool:
-        """The store keeps its old limits: a verdict on the plan, not a failure to retry."""
-        return not self.ok and (self.error or "").startswith(PLAN_REFUSED)
 
     @property
     def cancelled(self) -> bool:
@@ -249,13 +248,24 @@ def _interruption(config: Config, runner, ident: str) -> str | None:
     return None
 
 
-def outcomes_of(event: dict) -> dict[str, str]:
-    """The verdicts an event sets (OUTCOMES_FACT), or none."""
+def fact_of(event: dict, name: str) -> dict:
+    """The dict fact `name` an event sets, or none."""
     if event.get("event") != "runner_on_ok":
         return {}
     res = (event.get("event_data") or {}).get("res") or {}
-    verdicts = (res.get("ansible_facts") or {}).get(OUTCOMES_FACT)
-    return {str(k): str(v or "") for k, v in verdicts.items()} if isinstance(verdicts, dict) else {}
+    value = (res.get("ansible_facts") or {}).get(name)
+    return value if isinstance(value, dict) else {}
+
+
+def outcomes_of(event: dict) -> dict[str, str]:
+    """The verdicts an event sets (OUTCOMES_FACT), or none."""
+    return {str(k): str(v or "") for k, v in fact_of(event, OUTCOMES_FACT).items()}
+
+
+def disk_usage_of(event: dict) -> dict[str, float]:
+    """The data dir sizes an event sets (DISK_USAGE_FACT), or none."""
+    return {str(k): float(v) for k, v in fact_of(event, DISK_USAGE_FACT).items()
+            if isinstance(v, int | float) and not isinstance(v, bool)}
 
 
 def _outcomes(stores: list[dict], runner, failures: dict[str, str],
@@ -408,6 +418,7 @@ def run_playbook(config: Config, playbook: str, stores: list[dict], secrets: dic
     _write_private(stores_inventory, inventory)
     failures: dict[str, str] = {}
     verdicts: dict[str, str] = {}
+    usage: dict[str, float] = {}
 
     def event_handler(event: dict) -> bool:
         if event.get("event") == "playbook_on_start":
@@ -419,6 +430,7 @@ def run_playbook(config: Config, playbook: str, stores: list[dict], secrets: dic
                 # The last failure is the one that stopped the host (rescues come first).
                 failures[data.get("host", "?")] = _error_of(event)
         verdicts.update(outcomes_of(event))
+        usage.update(disk_usage_of(event))
         if on_event is not None:
             on_event(event)
         return True
@@ -456,4 +468,5 @@ def run_playbook(config: Config, playbook: str, stores: list[dict], secrets: dic
     return RunResult(ident=ident, playbook=playbook, status=runner.status, rc=runner.rc,
                      artifact_dir=Path(runner.config.artifact_dir),
                      hosts=_outcomes(stores, runner, failures,
-                                     _interruption(config, runner, ident), verdicts))
+                                     _interruption(config, runner, ident), verdicts),
+                     disk_usage=usage)

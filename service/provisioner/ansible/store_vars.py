@@ -55,12 +55,13 @@ class StoreVars:
 
 
 def of_instance(config: Config, instance: Instance, plan: Plan | None = None) -> StoreVars:
-    """The store with the limits of `plan`, by default the plan its container has."""
+    """The store with the limits of `plan`, by default the plan its container has. A
+    store whose plan left the plans file gets none: the role leaves its limits alone."""
     plan = plan or store_plans.current(config, instance)
     return StoreVars(name=instance.subdomain, instance_id=str(instance.id),
                      site_name=instance.site_name, admin_email=instance.admin_email,
                      port=instance.port, docker_host=instance.docker_host, image=instance.image,
-                     limits_excess="keep", **plan.limits())
+                     **({"limits_excess": "keep", **plan.limits()} if plan else {}))
 
 
 def with_target(config: Config, instance: Instance) -> StoreVars:

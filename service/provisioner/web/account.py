@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from bottle import HTTPResponse, redirect
+from bottle import redirect
 from pony.orm import db_session
 
 from provisioner import accounts
 from provisioner.models import Customer
-from provisioner.web.common import Route, Web, render
+from provisioner.web.common import Route, Web, page_response, render
 
 
 def _customer(link: str) -> Customer:
@@ -15,10 +15,9 @@ def _customer(link: str) -> Customer:
     try:
         customer = Customer.get(id=accounts.verify(link))
     except accounts.InvalidLink as exc:
-        raise HTTPResponse(status=403, body=_message("Link not valid", str(exc))) from None
+        raise page_response(403, _message("Link not valid", str(exc))) from None
     if customer is None:
-        raise HTTPResponse(status=404, body=_message("No such account",
-                                                     "this account no longer exists"))
+        raise page_response(404, _message("No such account", "this account no longer exists"))
     return customer
 
 
@@ -41,8 +40,8 @@ def billing_portal(web: Web, link: str):
             url = accounts.portal_url(web.config, customer,
                                       f"{web.config.public_url}/account/{link}/")
         except accounts.PortalUnavailable as exc:
-            return HTTPResponse(status=503, body=_message("Billing unavailable", str(exc)),
-                                headers={"Retry-After": "60"})
+            return page_response(503, _message("Billing unavailable", str(exc)),
+                                 **{"Retry-After": "60"})
     redirect(url, 303)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import re
 import secrets
 import threading
 from collections.abc import Callable
@@ -137,6 +138,20 @@ def render(template: str, **context) -> str:
     return _PAGES.get_template(f"pages/{template}").render(nonce=nonce, **context)
 
 
+_ACCOUNT_LINK = re.compile(r"^/account/[^/]+")
+
+
+def logged_path() -> str:
+    """The request's path for a log line: a customer's account link is a credential."""
+    return _ACCOUNT_LINK.sub("/account/<link>", request.path)
+
+
+def page_response(status: int, body: str, **headers: str) -> HTTPResponse:
+    """An error page as an answer, with the headers render() gave it (no-store, CSP)."""
+    return HTTPResponse(status=status, body=body,
+                        headers={**dict(response.headers), **headers})
+
+
 def same_origin(origin: str | None, host: str | None, public_url: str) -> bool:
     """Is a browser's Origin (or Referer) this service, by the Host it asked or our URL?"""
     if not origin:
@@ -265,9 +280,10 @@ class Web:
                 raise  # an answer (Bottle's redirects and errors are exceptions too)
             except Exception as exc:
                 if database_busy(exc):
-                    log.warning("%s %s: database busy", request.method, request.path)
+                    log.warning("%s %s: database busy", request.method, logged_path())
                     return busy_response(self.config, as_json)
-                log.exception("unexpected error answering %s %s", request.method, request.path)
+                log.exception("unexpected error answering %s %s", request.method,
+                              logged_path())
                 return deny(500, "internal error (logged)", as_json)
 
         return answered
