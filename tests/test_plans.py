@@ -520,6 +520,7 @@ def test_the_sweep_measures_data_hourly_and_alerts_once_per_stretch_over_the_pla
     runner = operations.BACKEND = MeasuringRunner({"plan-shop": 1500.0})
     report = maintenance.health_sweep(plan_config)
     assert runner.measured == [True] and report.counts["over their disk"] == 1
+    assert "1 over their disk" in report.summary()
     maintenance.health_sweep(plan_config)  # within DISK_CHECK_MINUTES: not measured
     assert runner.measured == [True, False]
     with db_session:

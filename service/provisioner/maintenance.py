@@ -121,8 +121,9 @@ def health_sweep(config: Config, progress: Progress = _quiet) -> Report:
                             extra_vars={"health_measure_disk": True} if measure else None)
     to_restart = []
     with db_session:
-        if measure:
-            report.counts["over their disk"] = _record_disk_usage(config, result.disk_usage)
+        over = _record_disk_usage(config, result.disk_usage) if measure else 0
+        if over:
+            report.counts["over their disk"] = over
         for store in stores:
             instance = Instance[int(store.instance_id)]
             outcome = result.hosts[store.name]
