@@ -1,26 +1,22 @@
 """The customer's page behind a signed, expiring link, and the way to Stripe's Customer
 Portal. localstripe has no /v1/billing_portal/sessions (tests/integration/
-test_plans_live.py shows our page when Stripe cannot open one); here a small HTTP
-server answers that one endpoint with Stripe's own fixture object and records what
-we sent."""
+test_plans_live.py shows our page when Stripe cannot open one); here
+tests/stripe_stub.py answers that one endpoint with Stripe's own fixture object and
+records what we sent."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import threading
 import time
-import urllib.parse
 from datetime import timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from pony.orm import db_session, flush
 
 from provisioner import accounts, lifecycle, notifications
 from provisioner.models import Customer, Instance, Subscription, utcnow
-from provisioner.testing import stripe_events
 from provisioner.web import create_app
+from tests.stripe_stub import StripeStub
 from tests.wsgi import call
 
 
@@ -98,39 +94,9 @@ def test_an_account_link_never_reaches_the_log(config, customer_id, caplog, monk
     assert "/account/<link>/" in caplog.text and link not in caplog.text
 
 
-class PortalStub:
-    """Answers POST /v1/billing_portal/sessions the way Stripe does (its fixture object)."""
-
-    def __init__(self):
-        self.requests: list[dict] = []
-        stub = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers["Content-Length"])).decode()
-                stub.requests.append({"path": self.path,
-                                      "auth": self.headers.get("Authorization"),
-                                      "form": dict(urllib.parse.parse_qsl(body))})
-                session = stripe_events.resource("billing_portal.session")
-                session.update(id="bps_test_1", customer=stub.requests[-1]["form"]["customer"],
-                               url="https://billing.stripe.com/p/session/test_1")
-                payload = json.dumps(session).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-
 def test_billing_opens_a_fresh_portal_session_for_this_customer(config, customer_id):
-    stub = PortalStub()
+    stub = StripeStub("billing_portal.session",
+                      id="bps_test_1", url="https://billing.stripe.com/p/session/test_1")
     try:
         stripe_config = dataclasses.replace(config, stripe_secret_key="sk_test_" + "k" * 20,
                                             stripe_api_base=stub.url)
@@ -145,7 +111,7 @@ def test_billing_opens_a_fresh_portal_session_for_this_customer(config, customer
                                 "return_url": f"{config.public_url}/account/{link}/"}
         assert sent["auth"] == f"Bearer {stripe_config.stripe_secret_key}"
     finally:
-        stub.server.shutdown()
+        stub.close()
 
 
 def test_billing_without_stripe_is_a_page_that_says_so(config, customer_id):

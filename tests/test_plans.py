@@ -213,6 +213,34 @@ def test_checkout_with_an_unknown_plan_is_400(plan_config):
     assert status == 400 and "unknown plan 'gold'" in body["error"]
 
 
+def test_checkout_is_for_the_chosen_plans_price_with_its_trial_and_promotion_codes(
+        plan_config):
+    from tests.stripe_stub import StripeStub
+
+    stub = StripeStub("checkout.session", id="cs_test_plan", expires_at=int(time.time()) + 3600,
+                      url="https://checkout.stripe.com/c/pay/cs_test_plan")
+    try:
+        app = create_app(dataclasses.replace(plan_config, stripe_api_base=stub.url,
+                                             stripe_secret_key="sk_test_" + "k" * 20))
+        status, body = call(app, "POST", "/api/create-checkout/",
+                            {"subdomain": "pro-shop", "site_name": "Pro Shop",
+                             "email": "p@example.com", "plan": "pro"})
+        assert status == 200 and body["session_id"] == "cs_test_plan_1"
+        status, _ = call(app, "POST", "/api/create-checkout/",
+                         {"subdomain": "starter-shop", "site_name": "S", "email": "s@example.com"})
+        assert status == 200
+    finally:
+        stub.close()
+    pro, starter = (r["form"] for r in stub.requests)
+    assert pro["line_items[0][price]"] == "price_pro"
+    assert pro["subscription_data[trial_period_days]"] == "14"
+    assert pro["allow_promotion_codes"] == "true"
+    assert pro["metadata[plan]"] == pro["subscription_data[metadata][plan]"] == "pro"
+    # No plan named: the first; no trial in it, none asked.
+    assert starter["line_items[0][price]"] == "price_starter"
+    assert "subscription_data[trial_period_days]" not in starter
+
+
 # -- limits reach the role; a plan change is applied in place --------------------
 
 def test_limits_of_the_chosen_plan_reach_the_role_and_an_upgrade_applies_them(plan_config):

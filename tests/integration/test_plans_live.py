@@ -119,6 +119,8 @@ def test_limits_at_creation_raised_in_place_and_a_refused_downgrade(service):
     assert status == 200 and detail["plan"]["name"] == "Pro"
     assert detail["plan_refused"]["name"] == "Tiny" and "disk" in detail["plan_problem"]
     assert detail["status"] == "running"
+    status, page = service.api("GET", f"/admin/instances/{number}/")
+    assert status == 200 and 'id="plan-refused"' in page and "Apply Tiny anyway" in page
     assert limits(inspect("ebuilder_limits-shop")) == (512 * MIB, 1_000_000_000, 256)
     poll(lambda: mails(service, b"limits-shop: plan change refused"), timeout=60,
          what="the admin's email about the refusal")
