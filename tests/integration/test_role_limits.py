@@ -126,7 +126,9 @@ def test_a_memory_downgrade_below_use_is_refused_kept_or_forced(service):
     kept = provision(service, shop.with_(memory_mb=8, cpus=0.5, pids_limit=50,
                                          limits_excess="keep"))
     assert kept.ok, kept.error
-    assert limits_of("lim-memory")["Memory"] == 64 * MIB
+    # What it fits is applied; the memory it does not, left as it was.
+    assert limits_of("lim-memory") == {"Memory": 64 * MIB, "MemorySwap": 64 * MIB,
+                                       "NanoCpus": 500_000_000, "PidsLimit": 50}
     assert inspect("ebuilder_lim-memory")["State"]["StartedAt"] == before["State"]["StartedAt"]
 
     forced = provision(service, shop.with_(memory_mb=8, cpus=0.5, pids_limit=50,
@@ -144,7 +146,7 @@ def test_a_memory_downgrade_below_use_is_refused_kept_or_forced(service):
     assert healthy(service, "lim-memory")
 
 
-def test_a_store_being_stopped_is_held_to_its_disk_only(service):
+def test_a_store_being_stopped_is_held_to_its_disk_only_and_its_disk_checked(service):
     shop = store("lim-stop", memory_mb=64)
     assert provision(service, shop, first=True).ok
     container_id = inspect("ebuilder_lim-stop")["Id"]
@@ -160,16 +162,15 @@ def test_a_store_being_stopped_is_held_to_its_disk_only(service):
     assert memory_stats("lim-stop")[1] == 8 * MIB
     assert healthy(service, "lim-stop")
 
-
-def test_a_disk_downgrade_below_the_data_dir_is_refused(service):
-    shop = store("lim-disk", memory_mb=64, disk_mb=100)
-    assert provision(service, shop, first=True).ok
+    # The disk: a downgrade below the data dir's size is refused (the same store).
+    shop = shop.with_(memory_mb=64, disk_mb=100)
+    assert provision(service, shop).ok
     (data_dir(service, shop) / "media" / "upload.bin").write_bytes(b"x" * 3 * MIB)
 
     refused = provision(service, shop.with_(disk_mb=2))
     print(f"\n{refused.error}")
     assert not refused.ok
-    assert re.fullmatch(r"plan refused: ebuilder_lim-disk's data dir holds 3\.\d MiB, "
+    assert re.fullmatch(r"plan refused: ebuilder_lim-stop's data dir holds 3\.\d MiB, "
                         r"more than the plan's 2 MiB of disk; limits left as they were",
                         refused.error), refused.error
     assert json.loads((data_dir(service, shop) / ".limits").read_text()) == {"disk_mb": 100}
@@ -182,4 +183,4 @@ def test_a_disk_downgrade_below_the_data_dir_is_refused(service):
     (data_dir(service, shop) / "media" / "more.bin").write_bytes(b"x" * 8 * MIB)
     outcome = provision(service, shop.with_(disk_mb=10, memory_mb=96))
     assert outcome.ok, outcome.error
-    assert limits_of("lim-disk")["Memory"] == 96 * MIB
+    assert limits_of("lim-stop")["Memory"] == 96 * MIB
