@@ -186,6 +186,12 @@ def test_a_bad_plans_file_is_one_line_naming_the_plan_and_field(text, problem):
     assert problem in str(error.value) and "\n" not in str(error.value)
 
 
+def test_the_example_plans_file_is_valid():
+    example = Path(__file__).resolve().parents[1] / "deploy" / "plans.example.toml"
+    found = plans.parse(example.read_text(), where=str(example))
+    assert [p.key for p in found] == ["starter", "pro"] and found[1].trial_days == 14
+
+
 def test_without_a_plans_file_the_one_plan_comes_from_the_settings(config):
     one = dataclasses.replace(config, stripe_price_id="price_x", plan_price_pence=1500)
     (plan,) = plans.all_plans(one)
