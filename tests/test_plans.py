@@ -199,6 +199,16 @@ def test_without_a_plans_file_the_one_plan_comes_from_the_settings(config):
     assert plan.memory_mb > 0 and plan.cpus > 0 and plan.pids_limit > 0
 
 
+def test_without_a_plans_file_every_store_has_the_one_plan(config):
+    from provisioner import store_plans
+
+    with db_session:
+        instance = Instance(subdomain="one-plan", site_name="O", admin_email="o@e.com",
+                            port=19160, plan_price_id="price_unset")
+        one = dataclasses.replace(config, stripe_price_id="price_set_later")
+        assert store_plans.current(one, instance).price_id == "price_set_later"
+
+
 def test_a_missing_plans_file_is_a_config_error(config, tmp_path):
     with pytest.raises(ConfigError, match="PLANS_FILE"):
         plans.all_plans(dataclasses.replace(config, plans_file=str(tmp_path / "none.toml")))

@@ -16,7 +16,8 @@ def current(config: Config, instance: Instance) -> Plan | None:
     """The plan whose limits the store's container has (or gets when first made); a
     store made before plans has the default plan. None when its plan left the plans
     file: its limits are then left as they are, never swapped for another plan's."""
-    if instance.plan_price_id is None:
+    if instance.plan_price_id is None or not config.plans_file:
+        # Without a plans file there is one plan, whatever STRIPE_PRICE_ID was then.
         return default(config)
     return by_price(config, instance.plan_price_id)
 
