@@ -80,7 +80,15 @@ class Config:
     suspend_after_days: int
     delete_after_days: int
     backup_root: Path
+    backup_at: str
+    backup_keep: int
+    backup_keep_days: int
+    backup_copy_to: str
     admin_notify_email: str
+    # Slack-style webhook URLs are secrets: never in a repr, a log or a page.
+    alert_webhooks: tuple[str, ...] = field(repr=False)
+    alert_disk_percent: int
+    health_history_days: int
     inventory_path: str
     max_stores_per_host: int
     health_wait_seconds: int

@@ -130,6 +130,11 @@ class Instance(db.Entity):
     jobs = Set("Job")
     logs = Set("LogEntry")
     notifications = Set("Notification")
+    backups = Set("Backup")
+    domains = Set("CustomDomain")
+    alert_incidents = Set("AlertIncident")
+    # An admin chose to show its uptime on the public status page.
+    uptime_public = Required(bool, default=False)
     # The admin list filters by state, newest first (admin.list_instances).
     composite_index(status, id)
 
@@ -239,6 +244,81 @@ class HealthCheck(db.Entity):
     action = Optional(str, nullable=True)
 
 
+class Backup(db.Entity):
+    """One archive of a store's data dir on its Docker host: what made it, its checksum."""
+
+    id = PrimaryKey(int, auto=True)
+    instance = Required(Instance)
+    # The tar.gz on the store's Docker host (under BACKUP_ROOT), and that host.
+    path = Required(str)
+    docker_host = Required(str)
+    # scheduled | manual | clone | pre-restore
+    reason = Required(str, default="manual")
+    # pending | ok | failed | deleted
+    status = Required(str, default="pending", index=True)
+    sha256 = Optional(str, nullable=True)
+    size_bytes = Optional(int, size=64)
+    # Where its second copy went (BACKUP_COPY_TO), once copied and verified.
+    copy_path = Optional(str, nullable=True)
+    error = Optional(LongStr, nullable=True)
+    created_at = Required(datetime, default=utcnow, index=True)
+    finished_at = Optional(datetime)
+    deleted_at = Optional(datetime)
+
+
+class CustomDomain(db.Entity):
+    """A customer's own host name for a store, with its ACME certificate."""
+
+    id = PrimaryKey(int, auto=True)
+    instance = Required(Instance)
+    # Lower-case host name, e.g. shop.example.com.
+    name = Required(str)
+    # dns_pending | issuing | live | failed | removing | removed
+    status = Required(str, default="dns_pending")
+    cert_path = Optional(str, nullable=True)
+    key_path = Optional(str, nullable=True)
+    expires_at = Optional(datetime)
+    last_error = Optional(LongStr, nullable=True)
+    checked_at = Optional(datetime)
+    created_at = Required(datetime, default=utcnow)
+    removed_at = Optional(datetime)
+
+
+class AlertIncident(db.Entity):
+    """One thing that went wrong, alerted once when it opens and once when it clears."""
+
+    id = PrimaryKey(int, auto=True)
+    # Stable across sweeps for the same problem, e.g. "store_down:42".
+    key = Required(str, index=True)
+    # provision_failed | store_down | backup_failed | cert_renewal_failed | disk_full
+    kind = Required(str)
+    instance = Optional(Instance)
+    summary = Required(LongStr)
+    opened_at = Required(datetime, default=utcnow)
+    last_seen_at = Required(datetime, default=utcnow)
+    resolved_at = Optional(datetime)
+    deliveries = Set("AlertDelivery")
+
+
+class AlertDelivery(db.Entity):
+    """One message (opened or resolved) of an incident to one target, retried until sent."""
+
+    id = PrimaryKey(int, auto=True)
+    incident = Required(AlertIncident)
+    # "email", or "webhook <n> (<host>)" for the n-th of ALERT_WEBHOOKS: never its URL,
+    # which may be a secret (Slack's are).
+    target = Required(str)
+    # opened | resolved
+    event = Required(str)
+    # pending | sent | failed
+    status = Required(str, default="pending", index=True)
+    attempts = Required(int, default=0)
+    next_try_at = Required(datetime, default=utcnow)
+    last_error = Optional(LongStr, nullable=True)
+    sent_at = Optional(datetime)
+    composite_key(incident, target, event)
+
+
 class Notification(db.Entity):
     """An email that went out; (instance, notice, key) makes each send once-only."""
 
@@ -280,6 +360,11 @@ LIVE_UNIQUE_INDEXES = (
     'CREATE UNIQUE INDEX IF NOT EXISTS "instance_live_port" '
     'ON "Instance" ("docker_host", "port") WHERE "live"',
     'CREATE INDEX IF NOT EXISTS "stripeevent_customer" ON "StripeEvent" ("stripe_customer_id")',
+    # One live claim of a custom domain; one open incident per problem.
+    'CREATE UNIQUE INDEX IF NOT EXISTS "customdomain_live_name" '
+    'ON "CustomDomain" ("name") WHERE "removed_at" IS NULL',
+    'CREATE UNIQUE INDEX IF NOT EXISTS "alertincident_open_key" '
+    'ON "AlertIncident" ("key") WHERE "resolved_at" IS NULL',
 )
 
 # Columns added since a table was first made: (table, column, SQLite type, PostgreSQL
@@ -299,6 +384,7 @@ ADDED_COLUMNS = (
     ("Instance", "disk_used_mb", "REAL", "DOUBLE PRECISION"),
     ("Instance", "disk_measured_at", "DATETIME", "TIMESTAMP"),
     ("Instance", "disk_over_since", "DATETIME", "TIMESTAMP"),
+    ("Instance", "uptime_public", "BOOLEAN NOT NULL DEFAULT 0", "BOOLEAN NOT NULL DEFAULT false"),
 )
 
 

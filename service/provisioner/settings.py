@@ -83,6 +83,25 @@ def networks(name: str, raw: str) -> tuple[str, ...]:
     return tuple(values)
 
 
+def time_or_off(name: str, raw: str) -> str:
+    """HH:MM, or "off" for a schedule that is not wanted."""
+    return "off" if raw.strip().lower() == "off" else time_of_day(name, raw)
+
+
+def webhook_targets(name: str, raw: str) -> tuple[str, ...]:
+    """Comma-separated http(s) URLs, each optionally `slack:`-prefixed (Slack's payload)."""
+    values = []
+    for part in (p.strip() for p in raw.split(",")):
+        if not part:
+            continue
+        address = part.removeprefix("slack:")
+        if not address.startswith(("http://", "https://")) or " " in address:
+            raise ConfigError(f"{name}: {part!r} is not an http(s) URL "
+                              "(optionally prefixed slack:)")
+        values.append(part)
+    return tuple(values)
+
+
 _INSTALLATION_ID = re.compile(r"[a-z0-9][a-z0-9_.-]{2,62}")
 
 
@@ -181,9 +200,25 @@ SETTINGS: tuple[Setting, ...] = (
     S("DELETE_AFTER_DAYS", "delete_after_days", 30, integer(0, 3650),
       "a cancelled store is archived and destroyed this long after it ended"),
     S("BACKUP_ROOT", "backup_root", Path("/srv/ebuilder/backups"), path,
-      "where archives of destroyed stores go (on the store's Docker host)"),
+      "where backups and the archives of destroyed stores go (on the store's Docker host)"),
+    S("BACKUP_AT", "backup_at", "02:30", time_or_off,
+      "daily backup of every running store inside `serve` (HH:MM, or `off`)"),
+    S("BACKUP_KEEP", "backup_keep", 7, integer(1, 1000),
+      "backups kept per store (the newest); older ones are deleted"),
+    S("BACKUP_KEEP_DAYS", "backup_keep_days", 30, integer(1, 3650),
+      "backups older than this are deleted (the newest good one is always kept)"),
+    S("BACKUP_COPY_TO", "backup_copy_to", "", text,
+      "second location of each backup: a path on the store's host or an rsync target "
+      "`user@host:/path`; empty: none"),
     S("ADMIN_NOTIFY_EMAIL", "admin_notify_email", "", text,
       "who hears about stores that need attention or stay unhealthy"),
+    S("ALERT_WEBHOOKS", "alert_webhooks", (), webhook_targets,
+      "comma-separated URLs that get each alert (and its resolution) as JSON; "
+      "`slack:https://...` sends Slack's format"),
+    S("ALERT_DISK_PERCENT", "alert_disk_percent", 90, integer(1, 100),
+      "a store using this share of its plan's disk raises a disk alert"),
+    S("HEALTH_HISTORY_DAYS", "health_history_days", 90, integer(1, 3650),
+      "health history (uptime) kept this long"),
     S("PROVISIONER_INVENTORY", "inventory_path", "", text,
       "the Docker hosts stores are placed on", shown="`inventory/hosts.yml`"),
     S("MAX_STORES_PER_HOST", "max_stores_per_host", 100, integer(1, 100_000),
