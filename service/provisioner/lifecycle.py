@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from provisioner import jobs, store_plans
+from provisioner import alerts, jobs, store_plans
 from provisioner.config import Config
 from provisioner.models import Instance, LogEntry, Notification, utcnow
 from provisioner.states import CONVERGED, JobKind, StoreState, transition
@@ -104,6 +104,7 @@ def converged(instance: Instance, state: str) -> None:
     transition(instance, state)
     if state == RUNNING:
         instance.provisioned_at = instance.provisioned_at or now
+        alerts.resolve("provision_failed", instance)
         if instance.welcome_sent_at is None:
             notify(instance, "welcome")
         elif previous in STOPPED:

@@ -311,9 +311,11 @@ def remove_orphans(config: Config, progress: Progress = _quiet) -> Report:
 
 
 def rotate_artifacts(config: Config) -> Report:
-    """Drop ansible run dirs and log entries older than ARTIFACT_RETENTION_DAYS."""
+    """Drop ansible run dirs and log entries older than ARTIFACT_RETENTION_DAYS, and
+    health history (the uptime figures) older than HEALTH_HISTORY_DAYS."""
     report = Report("rotation")
     cutoff = utcnow() - timedelta(days=config.artifact_retention_days)
+    history_cutoff = utcnow() - timedelta(days=config.health_history_days)
     with db_session:
         for run in AnsibleRun.select(lambda r: r.started_at < cutoff):
             run_dir = config.ansible_runs_dir / run.ident
@@ -321,7 +323,7 @@ def rotate_artifacts(config: Config) -> Report:
                 shutil.rmtree(run_dir)
                 report.counts["run dirs"] = report.counts.get("run dirs", 0) + 1
         for label, old in (("log entries", LogEntry.select(lambda e: e.at < cutoff)),
-                           ("health checks", HealthCheck.select(lambda h: h.at < cutoff)),
+                           ("health checks", HealthCheck.select(lambda h: h.at < history_cutoff)),
                            ("webhook deliveries",
                             WebhookDelivery.select(lambda d: d.at < cutoff))):
             count = old.count()

@@ -27,6 +27,8 @@ def build(config: Config, wake: threading.Event) -> schedule.Scheduler:
     scheduler.every(config.health_interval_minutes).minutes.do(queue, "health")
     scheduler.every(config.sync_interval_minutes).minutes.do(queue, "sync")
     scheduler.every().day.at(config.cleanup_at).do(queue, "cleanup")
+    if config.backup_at != "off":
+        scheduler.every().day.at(config.backup_at).do(queue, "backup")
     return scheduler
 
 

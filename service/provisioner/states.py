@@ -44,6 +44,9 @@ class JobKind(StrEnum):
     SYNC = "sync"
     NGINX = "nginx"
     CLEANUP = "cleanup"
+    BACKUP = "backup"        # one store's backup (instance set) or every running store's
+    RESTORE = "restore"      # put a backup back (detail: the Backup's id)
+    CLONE = "clone"          # a new store from another's backup (detail: the Backup's id)
 
 
 class JobState(StrEnum):

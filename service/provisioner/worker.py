@@ -19,6 +19,7 @@ from datetime import timedelta
 from pony.orm import db_session, select
 
 from provisioner import (
+    alerts,
     convergence,
     docker_hosts,
     events,
@@ -364,6 +365,8 @@ class Worker:
             lifecycle.failed(instance, error, retrying)
             if alert or not retrying:
                 lifecycle.notify(instance, "admin_job_failed", key=f"job-{job_id}")
+                alerts.raise_alert("provision_failed", f"store {instance.subdomain}: {job.kind} "
+                                   f"failed: {error}", instance)
         if email and (job.detail or "").startswith("welcome|"):
             self._welcome_overdue(instance)
         return {"retrying": retrying, "error": error}
