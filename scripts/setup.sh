@@ -3,7 +3,7 @@
 # Debian packages (docker.io, nginx, busybox-static, openssl) when missing,
 # a Docker engine when none answers, a venv in .venv with the package
 # installed, and the stand-in eBuilder image. Safe to run again.
-# Usage: scripts/setup.sh [--with-browser]   (the browser is for the tests)
+# Usage: scripts/setup.sh [--with-browser]   (the browser and Pebble are for the tests)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 log() { echo "setup: $*"; }
@@ -14,12 +14,17 @@ need=()
 command -v dockerd >/dev/null 2>&1 || need+=(docker.io)
 command -v nginx >/dev/null 2>&1 || need+=(nginx)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
+command -v rsync >/dev/null 2>&1 || need+=(rsync)
 static_busybox() { { ldd "$(command -v busybox)" 2>&1 || true; } | grep -q "not a dynamic"; }
 if ! command -v busybox >/dev/null 2>&1 || ! static_busybox; then
     need+=(busybox-static)
 fi
 if [ $with_browser = 1 ] && [ ! -x /usr/bin/chromium ]; then
     need+=(chromium)
+fi
+# Let's Encrypt's test ACME server, for the custom-domain tests.
+if [ $with_browser = 1 ] && ! command -v pebble >/dev/null 2>&1; then
+    need+=(pebble)
 fi
 if [ ${#need[@]} -gt 0 ]; then
     log "installing ${need[*]}"

@@ -20,8 +20,10 @@ from pony.orm import db_session, select
 
 from provisioner import (
     alerts,
+    backups,
     convergence,
     docker_hosts,
+    domains,
     events,
     jobs,
     lifecycle,
@@ -37,7 +39,7 @@ from provisioner.convergence import Batch
 from provisioner.models import Instance, Job, LogEntry, utcnow
 from provisioner.plans import Plan
 from provisioner.redaction import redact
-from provisioner.states import MAINTENANCE_KINDS, JobKind, JobState, StoreState
+from provisioner.states import CARE_KINDS, MAINTENANCE_KINDS, JobKind, JobState, StoreState
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +49,8 @@ log = logging.getLogger(__name__)
 LANES: dict[str, tuple[str, ...]] = {
     "billing": (JobKind.EVENT, JobKind.RECONCILE),
     "email": (JobKind.NOTIFY,),
-    "ansible": (JobKind.CONVERGE, JobKind.ACTION, JobKind.DESTROY, *MAINTENANCE_KINDS),
+    "ansible": (JobKind.CONVERGE, JobKind.ACTION, JobKind.DESTROY, *MAINTENANCE_KINDS,
+                *CARE_KINDS),
     # A paying customer's first provisioning never waits for a fleet batch (a sweep,
     # a sync, an upgrade) to end: a second ansible run beside it. It alone builds the
     # stores never provisioned, which no fleet operation touches (so the first stores
@@ -177,6 +180,9 @@ class Worker:
         for kind in MAINTENANCE_KINDS:
             for job_id in self._unless_stopping(by_kind, kind):
                 self._maintenance(job_id, kind)
+        for kind in CARE_KINDS:
+            for job_id in self._unless_stopping(by_kind, kind):
+                self._care(job_id, domains.run_job if kind == JobKind.DOMAIN else backups.run_job)
         for kind, ids in by_kind.items():
             for job_id in ids:
                 self._fail(job_id, f"unknown job kind {kind!r}")
@@ -277,6 +283,19 @@ class Worker:
             job = Job[job_id]
             LogEntry(job=job, level="warning" if report.failed else "info",
                      message="\n".join([report.summary(), *report.lines])[:4000])
+            jobs.complete(job)
+
+    def _care(self, job_id: int, run: Callable[[Config, int], str]) -> None:
+        """A backup, restore, clone or domain step: its module runs it (no transaction
+        open across its playbook or network calls) and raises what failed, to retry."""
+        try:
+            message = run(self.config, job_id)
+        except Exception as exc:
+            self._fail(job_id, f"{type(exc).__name__}: {exc}")
+            return
+        with db_session:
+            job = Job[job_id]
+            LogEntry(instance=job.instance, job=job, message=message[:4000])
             jobs.complete(job)
 
     def _plan_actions(self, job_ids: list[int]) -> list[Batch]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
-from provisioner import store_plans
+from provisioner import domains, store_plans
 from provisioner.config import Config
 from provisioner.models import Instance
 from provisioner.plans import Plan
@@ -46,6 +46,8 @@ class StoreVars:
     # When the store uses more than a lowered limit: refuse (a plan change), keep (the
     # plan it has: limits never applied yet are not a failure), force (an admin said so).
     limits_excess: str | None = None
+    # The customer's own domains (domains.for_store): {"name", "cert", "key"} each.
+    custom_domains: tuple[dict, ...] | None = None
 
     def with_(self, **changes) -> StoreVars:
         return replace(self, **changes)
@@ -58,9 +60,11 @@ def of_instance(config: Config, instance: Instance, plan: Plan | None = None) ->
     """The store with the limits of `plan`, by default the plan its container has. A
     store whose plan left the plans file gets none: the role leaves its limits alone."""
     plan = plan or store_plans.current(config, instance)
+    own_domains = tuple(domains.for_store(instance))
     return StoreVars(name=instance.subdomain, instance_id=str(instance.id),
                      site_name=instance.site_name, admin_email=instance.admin_email,
                      port=instance.port, docker_host=instance.docker_host, image=instance.image,
+                     custom_domains=own_domains or None,
                      **({"limits_excess": "keep", **plan.limits()} if plan else {}))
 
 
