@@ -15,6 +15,8 @@ if [ ! -s /app/db/admin ]; then
     echo "$(date -u +%FT%TZ) created admin user $ADMIN_EMAIL" >> /app/logs/boot.log
 fi
 printf '%s\n' "${SITE_NAME:-eBuilder store}" > /www/index.html
+# Uploaded files are served under /media/, as the real image does.
+ln -sfn /app/media /www/media
 # /app/db/unhealthy (one store) or STANDIN_UNHEALTHY=1 (a whole image) make
 # the health check fail on purpose, for the tests of health and upgrade.
 if [ -e /app/db/unhealthy ] || [ "${STANDIN_UNHEALTHY:-0}" = 1 ]; then

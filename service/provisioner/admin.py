@@ -10,7 +10,7 @@ from pathlib import Path
 from pony.orm import commit, count, desc, flush, select
 from pony.orm import max as pony_max
 
-from provisioner import events, jobs, lifecycle, plans, revenue, store_plans
+from provisioner import backups, events, jobs, lifecycle, plans, revenue, store_plans
 from provisioner.config import Config
 from provisioner.models import (
     AnsibleRun,
@@ -333,6 +333,61 @@ def apply_plan(config: Config, instance_id: int, by: Actor) -> dict:
     audit(by, "apply-plan", target, f"{instance.subdomain}: plan {plan.name} forced")
     return {"instance_id": instance.id, "plan": plan.as_dict(),
             "job_id": job.id if job else None}
+
+
+def backup_store(instance_id: int, by: Actor) -> dict:
+    """Queue a backup of one store, audited; Conflict when it has no data to back up."""
+    instance = get_instance(instance_id)
+    target = _instance_target(instance)
+    try:
+        job = backups.request_backup(instance)
+    except backups.Refused as exc:
+        raise _refused(by, "backup", target, str(exc)) from None
+    flush()
+    audit(by, "backup", target, f"{instance.subdomain}: backup queued")
+    return {"instance_id": instance.id, "job_id": job.id}
+
+
+def backup_all(by: Actor) -> dict:
+    """Queue a backup of every running store (as the schedule does), audited."""
+    job = jobs.enqueue(JobKind.BACKUP, detail="manual")
+    flush()
+    audit(by, "backup", "instances", "backup of every running store queued")
+    return {"job_id": job.id}
+
+
+def restore_store(instance_id: int, which: str | int | None, by: Actor) -> dict:
+    """Queue putting a backup back (the newest good one when `which` is None), audited."""
+    instance = get_instance(instance_id)
+    target = _instance_target(instance)
+    try:
+        backup = backups.find_backup(instance, which)
+        job = backups.request_restore(instance, backup)
+    except backups.Refused as exc:
+        raise _refused(by, "restore", target, str(exc)) from None
+    flush()
+    audit(by, "restore", target, f"{instance.subdomain}: restore of backup {backup.id} "
+                                 f"({backup.created_at:%Y-%m-%d %H:%M:%S} UTC) queued")
+    return {"instance_id": instance.id, "job_id": job.id, "backup": backups.summary(backup)}
+
+
+def clone_store(config: Config, instance_id: int, new_subdomain: str,
+                which: str | int | None, by: Actor) -> dict:
+    """Queue a clone of a store under a new name (from a backup taken now, or the one
+    given), audited on both stores."""
+    instance = get_instance(instance_id)
+    target = _instance_target(instance)
+    try:
+        backup = backups.find_backup(instance, which) if which not in (None, "") else None
+        clone, job = backups.request_clone(config, instance, new_subdomain, backup)
+    except backups.Refused as exc:
+        raise _refused(by, "clone", target, str(exc)) from None
+    flush()
+    audit(by, "clone", target, f"{instance.subdomain}: cloned into {clone.subdomain} "
+                               f"(store {clone.id})")
+    audit(by, "clone", _instance_target(clone), f"clone of {instance.subdomain}")
+    return {"instance_id": instance.id, "clone_id": clone.id, "subdomain": clone.subdomain,
+            "job_id": job.id}
 
 
 def list_runs(limit: int = 100) -> list[dict]:

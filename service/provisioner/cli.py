@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import threading
+import time
 
 from provisioner import models
 from provisioner.config import Config, ConfigError, load_config
@@ -295,6 +296,93 @@ def _wait_for_event(config: Config, event_id: int, timeout: float) -> int:
     return 0 if event["state"] == "processed" else 1
 
 
+def _store_care(args: argparse.Namespace, what: str, request) -> int:
+    """Queue a backup, restore or clone of a store (audited as the CLI user), then
+    with --wait do it here and say how it went."""
+    from pony.orm import db_session
+
+    from provisioner import admin
+
+    config = _configure()
+    try:
+        with db_session:
+            store = admin.find_instance(args.store) if args.store is not None else None
+            result = request(config, store.id if store else None)
+    except admin.NotFound as exc:
+        return _refused(what, exc)
+    except admin.Conflict as exc:
+        return _refused(f"{what} refused", exc)
+    print(f"{what} of {args.store or 'every running store'}: queued job {result['job_id']}")
+    if not args.wait:
+        print(f"the running worker will do it; `provisioner {what} --wait` does it here")
+        return 0
+    from provisioner.models import Job
+    from provisioner.worker import drain
+
+    _progress(f"{what}…")
+    deadline = time.monotonic() + args.timeout
+    while True:
+        # Done here, unless a running worker took it first: then its outcome is awaited.
+        drain(config, timeout=max(1.0, deadline - time.monotonic()))
+        with db_session:
+            job = Job[result["job_id"]]
+            state, error, retrying = job.state, job.last_error, job.attempts > 0
+            done = [e.message for e in job.logs.select(lambda e: e.level == "info"
+                                                       ).order_by(lambda e: e.id)]
+        if state in ("done", "failed") or time.monotonic() > deadline:
+            break
+        if state == "queued" and retrying:
+            print(f"{what} failed, to be retried: {error}", file=sys.stderr)
+            return 1
+        time.sleep(0.5)
+    if state == "done":
+        print(done[-1] if done else f"{what} done")
+        return 0
+    print(f"{what} {state}: {error}", file=sys.stderr)
+    return 1
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    """Back up one store now, or list its backups; without a store, every running store."""
+    from pony.orm import db_session
+
+    from provisioner import admin, backups
+
+    if args.store is None:
+        return _store_care(args, "backup",
+                           lambda config, _: admin.backup_all(_cli_actor()))
+    if args.list:
+        _configure()
+        with db_session:
+            try:
+                rows = backups.listing(admin.find_instance(args.store))
+            except admin.NotFound as exc:
+                return _refused("backup", exc)
+        for row in rows:
+            print(f"{row['id']:>6}  {row['created_at']}  {row['status']:<7} {row['reason']:<11} "
+                  f"{row['size_bytes'] or 0:>12}  {row['path']}"
+                  + (f"  ({row['error']})" if row["error"] else ""))
+        return 0
+    return _store_care(args, "backup",
+                       lambda config, store_id: admin.backup_store(store_id, _cli_actor()))
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    """Put a store's backup back (the newest good one unless named)."""
+    from provisioner import admin
+
+    return _store_care(args, "restore", lambda config, store_id: admin.restore_store(
+        store_id, args.backup, _cli_actor()))
+
+
+def cmd_clone(args: argparse.Namespace) -> int:
+    """A new store with a copy of another's data, for support."""
+    from provisioner import admin
+
+    return _store_care(args, "clone", lambda config, store_id: admin.clone_store(
+        config, store_id, args.new_subdomain, args.backup, _cli_actor()))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="provisioner", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -337,7 +425,21 @@ def main(argv: list[str] | None = None) -> int:
     retry.add_argument("store", help="the store's subdomain or id")
     replay = sub.add_parser("replay", help="apply a recorded Stripe event again")
     replay.add_argument("event", help="the event's Stripe id (evt_...) or its number")
-    for command, func in ((retry, cmd_retry), (replay, cmd_replay)):
+    backup = sub.add_parser("backup", help="back up a store now (or every running store); "
+                                           "--list its backups")
+    backup.add_argument("store", nargs="?", help="the store's subdomain or id")
+    backup.add_argument("--list", action="store_true", help="list the store's backups")
+    restore = sub.add_parser("restore", help="put a store's backup back (stop, restore, "
+                                             "start, health; its own data back on failure)")
+    restore.add_argument("store", help="the store's subdomain or id")
+    restore.add_argument("backup", nargs="?",
+                         help="the backup's number or archive path (default: the newest good)")
+    clone = sub.add_parser("clone", help="a new store with a copy of a store's data")
+    clone.add_argument("store", help="the store's subdomain or id")
+    clone.add_argument("new_subdomain", help="the clone's subdomain")
+    clone.add_argument("--backup", help="clone this backup (default: one taken now)")
+    for command, func in ((retry, cmd_retry), (replay, cmd_replay), (backup, cmd_backup),
+                          (restore, cmd_restore), (clone, cmd_clone)):
         command.add_argument("--wait", action="store_true",
                              help="do the queued work in this process and report the outcome")
         command.add_argument("--timeout", type=float, default=1800)

@@ -21,6 +21,10 @@ LEASE = timedelta(minutes=15)
 BACKOFF_CAP = timedelta(hours=1)
 
 
+class Final(Exception):
+    """A job that cannot succeed by being tried again: failed at once, with this reason."""
+
+
 def enqueue(kind: str, *, instance: Instance | None = None, event: StripeEvent | None = None,
             detail: str | None = None, delay: timedelta = timedelta(0)) -> Job:
     """Queue a job unless an identical one is already waiting (needs a db_session).

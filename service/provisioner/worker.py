@@ -290,6 +290,10 @@ class Worker:
         open across its playbook or network calls) and raises what failed, to retry."""
         try:
             message = run(self.config, job_id)
+        except jobs.Final as exc:
+            with db_session:
+                jobs.give_up(Job[job_id], str(exc))
+            return
         except Exception as exc:
             self._fail(job_id, f"{type(exc).__name__}: {exc}")
             return

@@ -26,6 +26,8 @@ class Operation(StrEnum):
     HEALTH = "health"        # container running and /health/ 200 through nginx
     NGINX = "nginx"          # every vhost for its state, one reload per host
     SYNC = "sync"            # every store to its state
+    BACKUP = "backup"        # a verified archive of each store's data dir
+    RESTORE = "restore"      # a backup put back (or into a clone), the store started
 
 
 PLAYBOOKS = {operation: f"{operation.value}.yml" for operation in Operation}

@@ -59,6 +59,8 @@ RUN_MARK = "PROVISIONER_ANSIBLE_RUN"
 OUTCOMES_FACT = "provisioner_outcomes"
 # health.yml -e health_measure_disk=true: store name -> MiB its data dir takes.
 DISK_USAGE_FACT = "provisioner_disk_usage"
+# What a run made for one store, set on that store (backup.yml: the archive's facts).
+STORE_RESULT_FACT = "provisioner_store_result"
 # How long an ended run's processes get between SIGTERM and SIGKILL.
 KILL_GRACE_SECONDS = 5.0
 # How often ansible-runner looks at the cancel callback and the timeout while
@@ -103,6 +105,8 @@ class RunResult:
     run_id: int | None = None
     # DISK_USAGE_FACT, when the run measured it.
     disk_usage: dict[str, float] = field(default_factory=dict)
+    # STORE_RESULT_FACT of each store that set it.
+    store_results: dict[str, dict] = field(default_factory=dict)
 
     @property
     def timed_out(self) -> bool:
@@ -121,6 +125,8 @@ def settings_vars(config: Config) -> dict:
         # Polled 4 times a second (the role's delay): a store is live the moment it answers.
         "ebuilder_instance_health_retries": config.health_wait_seconds * 4,
         "ebuilder_instance_data_root": str(config.customer_data_root),
+        "ebuilder_instance_backup_root": str(config.backup_root),
+        "ebuilder_instance_backup_copy_to": config.backup_copy_to,
         "ebuilder_instance_network": config.container_network,
         "ebuilder_instance_base_domain": config.base_domain,
         "nginx_site_base_domain": config.base_domain,
@@ -419,6 +425,7 @@ def run_playbook(config: Config, playbook: str, stores: list[dict], secrets: dic
     failures: dict[str, str] = {}
     verdicts: dict[str, str] = {}
     usage: dict[str, float] = {}
+    results: dict[str, dict] = {}
 
     def event_handler(event: dict) -> bool:
         if event.get("event") == "playbook_on_start":
@@ -431,6 +438,9 @@ def run_playbook(config: Config, playbook: str, stores: list[dict], secrets: dic
                 failures[data.get("host", "?")] = _error_of(event)
         verdicts.update(outcomes_of(event))
         usage.update(disk_usage_of(event))
+        made = fact_of(event, STORE_RESULT_FACT)
+        if made:
+            results[(event.get("event_data") or {}).get("host", "?")] = made
         if on_event is not None:
             on_event(event)
         return True
@@ -469,4 +479,4 @@ def run_playbook(config: Config, playbook: str, stores: list[dict], secrets: dic
                      artifact_dir=Path(runner.config.artifact_dir),
                      hosts=_outcomes(stores, runner, failures,
                                      _interruption(config, runner, ident), verdicts),
-                     disk_usage=usage)
+                     disk_usage=usage, store_results=results)

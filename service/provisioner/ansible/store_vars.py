@@ -36,6 +36,13 @@ class StoreVars:
     page: str | None = None
     # The tar.gz destroy.yml writes.
     archive: str | None = None
+    # backup.yml: the tar.gz to write, and the older ones retention drops.
+    backup: str | None = None
+    backup_remove: tuple[str, ...] | None = None
+    # restore.yml: the backup, its recorded SHA-256, entries not restored.
+    restore_from: str | None = None
+    restore_sha256: str | None = None
+    restore_exclude: tuple[str, ...] | None = None
     # Largest upload nginx accepts for this store (nginx size, e.g. "100m").
     upload_limit: str | None = None
     # The container limits of its plan (plans.Plan); 0: none.

@@ -1,0 +1,93 @@
+"""Backups on real Docker and nginx: made consistent and verified, put back, refused
+when corrupted, cloned into a new store; through the `provisioner` CLI."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from pony.orm import db_session
+
+from provisioner.models import Backup, Instance
+from tests.integration.conftest import https_request, inspect
+from tests.integration.test_operations import provision
+
+
+def data_dir(service, name: str) -> Path:
+    with db_session:
+        return service.config.customer_data_root / str(Instance.get(subdomain=name, live=True).id)
+
+
+def page(service, name: str, path: str = "/media/page.txt") -> tuple[int, bytes]:
+    return https_request(service.nginx, f"{name}.stores.test", path)
+
+
+def backups_of(name: str) -> list[Backup]:
+    with db_session:
+        instance = Instance.get(subdomain=name, live=True)
+        return list(instance.backups.order_by(Backup.id))
+
+
+def test_backup_change_restore_gives_the_original_back_through_nginx(service):
+    provision(service, "keep-shop")
+    media = data_dir(service, "keep-shop") / "media" / "page.txt"
+    media.write_text("original\n")
+    assert page(service, "keep-shop") == (200, b"original\n")
+
+    made = service.cli("backup", "keep-shop", "--wait")
+    assert made.returncode == 0, made.stdout + made.stderr
+    [backup] = backups_of("keep-shop")
+    archive = Path(backup.path)
+    assert backup.status == "ok" and backup.reason == "manual"
+    assert backup.sha256 == hashlib.sha256(archive.read_bytes()).hexdigest()
+    # sha256sum -c can check it without the provisioner.
+    assert Path(f"{archive}.sha256").read_text() == f"{backup.sha256}  {archive.name}\n"
+    assert oct(archive.stat().st_mode & 0o777) == "0o600"
+    assert "backup (manual) made" in made.stdout and "pause" in made.stdout
+
+    media.write_text("changed\n")
+    assert page(service, "keep-shop") == (200, b"changed\n")
+    restored = service.cli("restore", "keep-shop", "--wait")
+    assert restored.returncode == 0, restored.stdout + restored.stderr
+    assert page(service, "keep-shop") == (200, b"original\n")
+    assert page(service, "keep-shop", "/health/")[0] == 200
+    # Nothing of the replaced data is left beside the store's.
+    assert not Path(f"{data_dir(service, 'keep-shop')}.before-restore").exists()
+
+
+def test_a_corrupted_backup_is_refused_before_the_store_is_touched(service):
+    provision(service, "safe-shop")
+    media = data_dir(service, "safe-shop") / "media" / "page.txt"
+    media.write_text("before\n")
+    assert service.cli("backup", "safe-shop", "--wait").returncode == 0
+    [backup] = backups_of("safe-shop")
+    media.write_text("current\n")
+    raw = bytearray(Path(backup.path).read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    Path(backup.path).write_bytes(bytes(raw))
+    started = inspect("ebuilder_safe-shop")["State"]["StartedAt"]
+
+    refused = service.cli("restore", "safe-shop", str(backup.id), "--wait")
+    assert refused.returncode == 1
+    assert "backup refused, nothing was changed" in refused.stderr
+    assert "checksum" in refused.stderr
+    assert inspect("ebuilder_safe-shop")["State"]["StartedAt"] == started
+    assert page(service, "safe-shop") == (200, b"current\n")
+
+
+def test_clone_makes_a_new_store_with_the_data_and_its_own_key(service):
+    provision(service, "orig-shop")
+    source = data_dir(service, "orig-shop")
+    (source / "media" / "page.txt").write_text("cloned content\n")
+    cloned = service.cli("clone", "orig-shop", "copy-shop", "--wait")
+    assert cloned.returncode == 0, cloned.stdout + cloned.stderr
+    with db_session:
+        copy = Instance.get(subdomain="copy-shop", live=True)
+        assert copy.status == "running"
+        original = Instance.get(subdomain="orig-shop", live=True)
+        assert copy.subscription == original.subscription and copy.port != original.port
+    assert page(service, "copy-shop") == (200, b"cloned content\n")
+    target = data_dir(service, "copy-shop")
+    assert (target / "db" / "admin").read_text() == (source / "db" / "admin").read_text()
+    assert (target / "secret_key").read_text() != (source / "secret_key").read_text()
+    assert [b.reason for b in backups_of("orig-shop")] == ["clone"]
