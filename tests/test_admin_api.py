@@ -42,9 +42,11 @@ def stores(admin_config):
 
 ADMIN_GETS = ["/api/instances/", "/api/instances/1/", "/api/instances/1/health/",
               "/api/instances/1/stats/", "/api/customers/", "/api/stats/", "/api/jobs/1/",
-              "/api/runs/1/", "/metrics", "/api/webhooks/", "/api/events/1/", "/api/audit/"]
+              "/api/runs/1/", "/metrics", "/api/webhooks/", "/api/events/1/", "/api/audit/",
+              "/api/instances/1/backups/"]
 ADMIN_POSTS = ["/api/instances/1/start/", "/api/instances/1/stop/", "/api/instances/1/restart/",
-               "/api/instances/1/retry/", "/api/events/1/replay/"]
+               "/api/instances/1/retry/", "/api/events/1/replay/", "/api/instances/1/backups/",
+               "/api/instances/1/restore/", "/api/instances/1/clone/"]
 
 
 @pytest.mark.parametrize("path", ADMIN_GETS + ADMIN_POSTS)

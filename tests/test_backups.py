@@ -20,8 +20,11 @@ from provisioner import admin, backups
 from provisioner.ansible import operations
 from provisioner.ansible.runner import HostOutcome, RunResult
 from provisioner.models import AlertIncident, AuditEntry, Backup, Instance, Job, utcnow
+from provisioner.web import create_app
 from provisioner.worker import Worker
+from tests.test_admin_api import AUTH, PASSWORD
 from tests.test_health_history import running_store
+from tests.wsgi import call
 
 ROLE = Path(__file__).resolve().parents[1] / "roles" / "ebuilder_instance"
 
@@ -265,3 +268,51 @@ def test_a_clone_is_a_new_store_of_the_same_customer_without_a_welcome(config):
         assert clone.customer == source.customer and clone.port != source.port
         assert clone.welcome_sent_at is not None and clone.admin_password is None
         assert Job[result["job_id"]].detail == f"{store}:new"
+
+
+@pytest.fixture
+def admin_config(config):
+    return dataclasses.replace(config, admin_password=PASSWORD)
+
+
+@pytest.fixture
+def app(admin_config):
+    return create_app(admin_config)
+
+
+def test_the_api_lists_queues_and_refuses_with_reasons(app, admin_config):
+    store = running_store(admin_config, "iota")
+    status, body = call(app, "POST", f"/api/instances/{store}/backups/", {}, headers=AUTH)
+    assert status == 202 and body["status_url"] == f"/api/jobs/{body['job_id']}/"
+    with db_session:
+        assert Job[body["job_id"]].kind == "backup"
+        Backup(instance=Instance[store], path="/b/i.tar.gz", docker_host="localhost",
+               status="ok", sha256="ef" * 32, size_bytes=10)
+    status, listed = call(app, "GET", f"/api/instances/{store}/backups/", headers=AUTH)
+    assert status == 200 and [b["path"] for b in listed["items"]] == ["/b/i.tar.gz"]
+    status, body = call(app, "POST", f"/api/instances/{store}/restore/", {}, headers=AUTH)
+    assert status == 202 and body["backup"]["path"] == "/b/i.tar.gz"
+    assert call(app, "POST", f"/api/instances/{store}/restore/", {"backup": 999},
+                headers=AUTH) == (409, {"error": "store iota has no backup 999"})
+    assert call(app, "POST", f"/api/instances/{store}/clone/", {}, headers=AUTH)[0] == 400
+    assert call(app, "POST", f"/api/instances/{store}/clone/", {"subdomain": ["x"]},
+                headers=AUTH)[0] == 400
+    status, body = call(app, "POST", f"/api/instances/{store}/clone/",
+                        {"subdomain": "iota-copy"}, headers=AUTH)
+    assert status == 202 and body["subdomain"] == "iota-copy"
+    assert call(app, "POST", "/api/instances/999/backups/", {}, headers=AUTH)[0] == 404
+
+
+def test_the_store_page_lists_backups_and_its_forms_need_the_csrf_token(app, admin_config):
+    store = running_store(admin_config, "kappa")
+    with db_session:
+        Backup(instance=Instance[store], path="/b/<script>.tar.gz", docker_host="localhost",
+               status="ok", sha256="ef" * 32, size_bytes=2 * 1048576)
+    status, html, _ = call(app, "GET", f"/admin/instances/{store}/", headers=AUTH, raw=True)
+    assert status == 200 and b"2.0 MiB" in html and b"/b/&lt;script&gt;.tar.gz" in html
+    assert b'action="/admin/instances/%d/restore/"' % store in html
+    status, _, _ = call(app, "POST", f"/admin/instances/{store}/backup/", b"", raw=True,
+                        headers={**AUTH, "Content-Type": "application/x-www-form-urlencoded"})
+    assert status == 403
+    with db_session:
+        assert not Job.select(lambda j: j.kind == "backup").exists()

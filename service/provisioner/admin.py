@@ -274,6 +274,7 @@ def instance_detail(config: Config, instance_id: int) -> dict:
     return {**instance_summary(config, instance),
             **plan_detail(config, instance),
             "billing_events": billing_events(instance.customer),
+            "backups": backups.listing(instance, limit=30),
             "retryable": instance.status in RETRY_STATES,
             "jobs": [job_summary(j) for j in recent_jobs],
             "health_history": [{"at": _iso(h.at), "ok": h.ok, "detail": h.detail,

@@ -133,6 +133,21 @@ def document() -> dict:
                 {"job_id": {"type": "integer", "nullable": True},
                  "status_url": {"type": "string", "nullable": True},
                  "plan": {"type": "object"}}),
+            "/api/instances/{id}/backups/": {
+                **_admin_get("The store's backups, newest first: archive, checksum, size, "
+                             "second copy, status.", with_id=True, params=instance_id),
+                **_admin_post("Queue a backup of the store now (409 when it has no data).",
+                              JOB_QUEUED)},
+            "/api/instances/{id}/restore/": _admin_post(
+                "Queue putting a backup back: body {\"backup\": id or archive path}, the newest "
+                "good one when left out. The archive is verified before the store is touched; "
+                "the store is stopped, restored, started and checked, or gets its own data "
+                "back.", {**JOB_QUEUED, "backup": {"type": "object"}}),
+            "/api/instances/{id}/clone/": _admin_post(
+                "Queue a new store with a copy of this one's data: body {\"subdomain\": "
+                "the clone's name, \"backup\": optional id (default: one taken now)}.",
+                {**JOB_QUEUED, "clone_id": {"type": "integer"},
+                 "subdomain": {"type": "string"}}),
             "/api/instances/{id}/health/": _admin_get(
                 "Live check: container state and HTTP /health/.", with_id=True,
                 params=instance_id),
