@@ -242,6 +242,7 @@ def live_env(base_env, config, nginx, smtp, localstripe, tmp_path_factory):
            "CUSTOMER_DATA_ROOT": str(tmp_path_factory.mktemp("customers")),
            "CONTAINER_NETWORK": "ebuilder_test",
            "BACKUP_ROOT": str(tmp_path_factory.mktemp("backups") / "archives"),
+           "BACKUP_COPY_TO": str(tmp_path_factory.mktemp("backup-copies")),
            "JOB_MAX_ATTEMPTS": "2",
            "EMAIL_HOST": "127.0.0.1", "EMAIL_PORT": str(smtp[1]),
            "PROVISIONER_ENV_FILE": str(tmp_path_factory.mktemp("noenv3") / ".env")}

@@ -4,12 +4,13 @@ when corrupted, cloned into a new store; through the `provisioner` CLI."""
 from __future__ import annotations
 
 import hashlib
+import subprocess
 from pathlib import Path
 
 from pony.orm import db_session
 
 from provisioner.models import Backup, Instance
-from tests.integration.conftest import https_request, inspect
+from tests.integration.conftest import docker, https_request, inspect, poll
 from tests.integration.test_operations import provision
 
 
@@ -43,6 +44,10 @@ def test_backup_change_restore_gives_the_original_back_through_nginx(service):
     # sha256sum -c can check it without the provisioner.
     assert Path(f"{archive}.sha256").read_text() == f"{backup.sha256}  {archive.name}\n"
     assert oct(archive.stat().st_mode & 0o777) == "0o600"
+    # The second location holds the same bytes.
+    copy = Path(service.config.backup_copy_to) / archive.parent.name / archive.name
+    assert backup.copy_path == str(copy)
+    assert hashlib.sha256(copy.read_bytes()).hexdigest() == backup.sha256
     assert "backup (manual) made" in made.stdout and "pause" in made.stdout
 
     media.write_text("changed\n")
@@ -91,3 +96,35 @@ def test_clone_makes_a_new_store_with_the_data_and_its_own_key(service):
     assert (target / "db" / "admin").read_text() == (source / "db" / "admin").read_text()
     assert (target / "secret_key").read_text() != (source / "secret_key").read_text()
     assert [b.reason for b in backups_of("orig-shop")] == ["clone"]
+
+
+def test_an_image_with_a_dump_hook_is_dumped_not_paused(service, tmp_path):
+    """The image declares how to make a consistent dump: it is run in the container,
+    which is never paused, and the archive holds the dump."""
+    from tests.test_backups import backup_module
+
+    (tmp_path / "Dockerfile").write_text(
+        "FROM ebuilder-standin:latest\n"
+        'LABEL ebuilder.backup.dump="cp /app/db/admin /app/db/dump.sql"\n')
+    tag = f"ebuilder-standin-dump:{service.config.installation_id}"
+    docker("build", "-q", "-t", tag, str(tmp_path))
+    data = tmp_path / "store"
+    for sub in ("db", "media", "logs"):
+        (data / sub).mkdir(parents=True)
+    name = f"dump-{service.config.installation_id}"
+    try:
+        docker("run", "-d", "--name", name, "--label",
+               f"ebuilder.installation={service.config.installation_id}",
+               "-e", "SECRET_KEY=k", "-e", "ALLOWED_HOSTS=x", "-e", "ADMIN_EMAIL=a@b.c",
+               "-e", "ADMIN_PASSWORD=pw", "-v", f"{data}/db:/app/db", tag)
+        poll(lambda: (data / "db" / "admin").exists(), timeout=30, what="first boot")
+        params = {"docker_host": "unix:///var/run/docker.sock", "container": name,
+                  "data_dir": str(data), "pause_paths": ["db"], "max_pause_seconds": 10,
+                  "dump_label": "ebuilder.backup.dump", "timeout": 30}
+        mode, paused, staged = backup_module.snapshot(params, str(tmp_path / "staging"))
+        assert (mode, paused, staged) == ("dump", 0.0, set())
+        assert (data / "db" / "dump.sql").read_text() == (data / "db" / "admin").read_text()
+        assert inspect(name)["State"]["Paused"] is False
+    finally:
+        subprocess.run(["docker", "rm", "-f", name], capture_output=True)
+        subprocess.run(["docker", "rmi", tag], capture_output=True)
