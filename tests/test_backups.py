@@ -206,6 +206,16 @@ def test_the_schedule_backs_up_every_running_store_in_one_run(config, monkeypatc
         assert AlertIncident.select().first().resolved_at is not None
 
 
+def test_a_big_fleet_is_backed_up_in_runs_of_bounded_size(config, monkeypatch):
+    for n in range(5):
+        running_store(config, f"fleet-{n}")
+    run = BackupRun()
+    monkeypatch.setattr(operations, "BACKEND", run)
+    monkeypatch.setattr(backups, "RUN_SIZE", 2)
+    assert backups.backup(config, None, "scheduled").startswith("backup (scheduled): 5 made")
+    assert [len(stores) for _, stores in run.runs] == [2, 2, 1]
+
+
 def test_a_failed_second_copy_keeps_the_backup_and_alerts(config, monkeypatch):
     store = running_store(config, "gamma")
     monkeypatch.setattr(operations, "BACKEND", BackupRun(copy_error="rsync: host unreachable"))

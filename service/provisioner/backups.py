@@ -22,6 +22,9 @@ from provisioner.states import JobKind, StoreState
 # Stores whose data a backup or a clone is taken from (their data dir exists).
 BACKED_UP = frozenset({StoreState.RUNNING, StoreState.STOPPED, StoreState.SUSPENDED,
                        StoreState.CANCELLED, StoreState.OUT_OF_STEP})
+# Stores per backup run: each run is recorded as it ends, and a big fleet's data never
+# has to fit in one run's timeout (JOB_RUN_TIMEOUT_SECONDS).
+RUN_SIZE = 50
 # A clone gets its own secret key (made with its container) and its own plan's limits.
 CLONE_EXCLUDE = ("secret_key", ".limits")
 
@@ -180,16 +183,18 @@ def backup(config: Config, instance_ids: list[int] | None, reason: str) -> str:
         planned = [(row.id, store, dropped) for row, store, dropped in planned]
     if not planned:
         return "backup: no store to back up"
-    result = operations.run(config, Operation.BACKUP, [store for _, store, _ in planned])
     failed, lines = [], []
-    with db_session:
-        for backup_id, store, dropped in planned:
-            outcome = result.hosts[store.name]
-            error, line = _record(Backup[backup_id], outcome.ok, outcome.error,
-                                  result.store_results.get(store.name, {}), dropped)
-            if error:
-                failed.append(f"{store.name}: {error}")
-            lines.append(line)
+    for start in range(0, len(planned), RUN_SIZE):
+        chunk = planned[start:start + RUN_SIZE]
+        result = operations.run(config, Operation.BACKUP, [store for _, store, _ in chunk])
+        with db_session:
+            for backup_id, store, dropped in chunk:
+                outcome = result.hosts[store.name]
+                error, line = _record(Backup[backup_id], outcome.ok, outcome.error,
+                                      result.store_results.get(store.name, {}), dropped)
+                if error:
+                    failed.append(f"{store.name}: {error}")
+                lines.append(line)
     if failed and instance_ids is not None:
         raise BackupFailed("; ".join(failed))
     if len(lines) == 1:
