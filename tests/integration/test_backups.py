@@ -128,3 +128,30 @@ def test_an_image_with_a_dump_hook_is_dumped_not_paused(service, tmp_path):
     finally:
         subprocess.run(["docker", "rm", "-f", name], capture_output=True)
         subprocess.run(["docker", "rmi", tag], capture_output=True)
+
+
+def test_the_store_page_backs_up_and_restores_with_its_buttons(service, browser):
+    from tests.integration.conftest import ADMIN_PASSWORD
+    from tests.integration.test_admin_live import shot
+
+    provision(service, "page-shop")
+    media = data_dir(service, "page-shop") / "media" / "page.txt"
+    media.write_text("first\n")
+    with db_session:
+        store = Instance.get(subdomain="page-shop", live=True).id
+    context = browser.new_context(http_credentials={"username": "admin",
+                                                    "password": ADMIN_PASSWORD},
+                                  viewport={"width": 420, "height": 900})
+    tab = context.new_page()
+    tab.goto(f"{service.url}/admin/instances/{store}/")
+    tab.locator("#backup-button").click()
+    assert "backup queued" in tab.locator(".flash").inner_text()
+    # The page reloads itself while the store has work queued.
+    tab.wait_for_selector("#backups td.outcome-ok", timeout=120_000)
+    media.write_text("second\n")
+    tab.locator(".restore-button").first.click()
+    assert "restore of backup" in tab.locator(".flash").inner_text()
+    poll(lambda: page(service, "page-shop") == (200, b"first\n"), timeout=120,
+         what="the restored page through nginx")
+    shot(tab, "admin-store-backups")
+    context.close()

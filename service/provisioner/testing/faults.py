@@ -15,6 +15,7 @@ import contextlib
 import email
 import errno
 import http.client
+import ipaddress
 import json
 import os
 import random
@@ -718,11 +719,13 @@ def _restore_docker0() -> None:
     """A dockerd restarted on its own data root deletes the host's docker0 (Debian's
     docker.io 20.10), which belongs to the machine's engine: put it back as that
     engine configured it, so nothing outside this test notices."""
-    gateway, prefix = subprocess.run(
-        ["docker", "network", "inspect", "bridge", "--format",
-         "{{(index .IPAM.Config 0).Gateway}} {{(index .IPAM.Config 0).Subnet}}"],
-        check=True, capture_output=True, text=True).stdout.split()
-    address = f"{gateway}/{prefix.rsplit('/', 1)[1]}"
+    config = json.loads(subprocess.run(
+        ["docker", "network", "inspect", "bridge", "--format", "{{json .IPAM.Config}}"],
+        check=True, capture_output=True, text=True).stdout)[0]
+    subnet = ipaddress.ip_network(config["Subnet"])
+    # An engine that chose its own gateway records none: it is the subnet's first address.
+    gateway = config.get("Gateway") or str(next(subnet.hosts()))
+    address = f"{gateway}/{subnet.prefixlen}"
     for command in (["ip", "link", "add", "docker0", "type", "bridge"],
                     ["ip", "addr", "add", address, "dev", "docker0"],
                     ["ip", "link", "set", "docker0", "up"]):

@@ -62,7 +62,7 @@ def clone(web: Web, instance_id: int):
 
 
 def _page_request(web: Web, instance_id: int, work, said) -> None:
-    web.check_csrf()
+    web.check_csrf()  # first: nothing of a foreign or malformed form is read before
     try:
         with db_session:
             result = or_404(work, page=True)
@@ -79,18 +79,22 @@ def page_backup(web: Web, instance_id: int):
                   lambda r: f"backup queued as job {r['job_id']}")
 
 
+def _field(name: str, limit: int) -> str:
+    """A form field, read only once check_csrf has accepted the form."""
+    return (request.forms.get(name) or "")[:limit]
+
+
 def page_restore(web: Web, instance_id: int):
-    which = (request.forms.get("backup") or "")[:20] or None
     _page_request(web, instance_id,
-                  lambda: admin.restore_store(instance_id, which, web.actor()),
+                  lambda: admin.restore_store(instance_id, _field("backup", 20) or None,
+                                              web.actor()),
                   lambda r: f"restore of backup {r['backup']['id']} queued as job {r['job_id']}")
 
 
 def page_clone(web: Web, instance_id: int):
-    subdomain = (request.forms.get("subdomain") or "")[:100]
     _page_request(web, instance_id,
-                  lambda: admin.clone_store(web.config, instance_id, subdomain, None,
-                                            web.actor()),
+                  lambda: admin.clone_store(web.config, instance_id, _field("subdomain", 100),
+                                            None, web.actor()),
                   lambda r: f"clone {r['subdomain']} (store {r['clone_id']}) queued as job "
                             f"{r['job_id']}")
 
