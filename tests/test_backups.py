@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.util
 import io
 import subprocess
-import sys
 import tarfile
 from datetime import timedelta
 from pathlib import Path
@@ -22,28 +20,14 @@ from provisioner.ansible.runner import HostOutcome, RunResult
 from provisioner.models import AlertIncident, AuditEntry, Backup, Instance, Job, utcnow
 from provisioner.web import create_app
 from provisioner.worker import Worker
+from tests.role_modules import library, module_utils
 from tests.test_admin_api import AUTH, PASSWORD
 from tests.test_health_history import running_store
 from tests.wsgi import call
 
-ROLE = Path(__file__).resolve().parents[1] / "roles" / "ebuilder_instance"
-
-
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-# The modules import their shared code as Ansible ships it to the host.
-archive = _load("ansible.module_utils.ebuilder_archive",
-                ROLE / "module_utils" / "ebuilder_archive.py")
-backup_module = _load("ebuilder_instance_backup",
-                      ROLE / "library" / "ebuilder_instance_backup.py")
-restore_module = _load("ebuilder_instance_restore",
-                       ROLE / "library" / "ebuilder_instance_restore.py")
+archive = module_utils("ebuilder_archive")
+backup_module = library("ebuilder_instance_backup")
+restore_module = library("ebuilder_instance_restore")
 
 
 def a_store_dir(root: Path) -> Path:

@@ -3,23 +3,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-LIBRARY = Path(__file__).resolve().parents[1] / "roles" / "ebuilder_instance" / "library"
+from tests.role_modules import library
 
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, LIBRARY / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-limits = _load("ebuilder_instance_limits")
-in_step = _load("ebuilder_instance_in_step")
+limits = library("ebuilder_instance_limits")
+in_step = library("ebuilder_instance_in_step")
 MIB = 1024 * 1024
 NCPU = 4
 

@@ -126,11 +126,11 @@ from ansible.module_utils.basic import AnsibleModule  # noqa: E402
 from ansible.module_utils.ebuilder_archive import (  # noqa: E402
     TOP,
     checksum_file,
-    docker_request,
     sha256_of,
     verify,
     write_checksum,
 )
+from ansible.module_utils.ebuilder_docker import docker_request  # noqa: E402
 
 
 class BackupFailed(Exception):

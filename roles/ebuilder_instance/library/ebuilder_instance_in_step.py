@@ -51,12 +51,12 @@ stores:
 import http.client  # noqa: E402 (Ansible wants the documentation first)
 import json  # noqa: E402
 import os  # noqa: E402
-import socket  # noqa: E402
 import stat  # noqa: E402
 import urllib.parse  # noqa: E402
 from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 
 from ansible.module_utils.basic import AnsibleModule  # noqa: E402
+from ansible.module_utils.ebuilder_docker import docker_request  # noqa: E402
 
 MIB = 1024 * 1024
 NANO = 1_000_000_000
@@ -64,32 +64,9 @@ NANO = 1_000_000_000
 NO_MEMORY_LIMIT = 0x7FFFFFFFFFFFF000
 
 
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: int):
-        super().__init__("localhost", timeout=timeout)
-        self.path = path
-
-    def connect(self):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        self.sock.connect(self.path)
-
-
 def _get(docker_host: str, path: str, timeout: int) -> tuple[int, dict]:
-    url = urllib.parse.urlparse(docker_host)
-    if url.scheme == "unix":
-        connection = _UnixConnection(url.path, timeout)
-    elif url.scheme in ("tcp", "http"):
-        connection = http.client.HTTPConnection(url.hostname, url.port or 2375, timeout=timeout)
-    else:
-        raise ValueError(f"docker_host {docker_host}: only unix:// and tcp:// are read here")
-    try:
-        connection.request("GET", path)
-        response = connection.getresponse()
-        body = response.read()
-        return response.status, (json.loads(body) if response.status == 200 else {})
-    finally:
-        connection.close()
+    status, body = docker_request(docker_host, "GET", path, timeout)
+    return status, body if status == 200 else {}
 
 
 def _file_is(path: str, mode: int, content: str | None = None) -> bool:

@@ -131,11 +131,11 @@ import http.client  # noqa: E402 (Ansible wants the documentation first)
 import json  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
-import socket  # noqa: E402
 import stat  # noqa: E402
 import urllib.parse  # noqa: E402
 
 from ansible.module_utils.basic import AnsibleModule  # noqa: E402
+from ansible.module_utils.ebuilder_docker import docker_request  # noqa: E402
 
 MIB = 1024 * 1024
 NANO = 1_000_000_000
@@ -249,39 +249,6 @@ def memory_in_use(memory_stats: dict) -> int:
 
 # What is read: the Docker API and the data dir.
 
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: int):
-        super().__init__("localhost", timeout=timeout)
-        self.path = path
-
-    def connect(self):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        self.sock.connect(self.path)
-
-
-def _request(docker_host: str, method: str, path: str, timeout: int,
-             body: dict | None = None) -> tuple[int, dict]:
-    url = urllib.parse.urlparse(docker_host)
-    if url.scheme == "unix":
-        connection = _UnixConnection(url.path, timeout)
-    elif url.scheme in ("tcp", "http"):
-        connection = http.client.HTTPConnection(url.hostname, url.port or 2375, timeout=timeout)
-    else:
-        raise ValueError(f"docker_host {docker_host}: only unix:// and tcp:// are read here")
-    try:
-        connection.request(method, path, body=None if body is None else json.dumps(body),
-                           headers={} if body is None else {"Content-Type": "application/json"})
-        response = connection.getresponse()
-        raw = response.read()
-        try:
-            return response.status, json.loads(raw) if raw else {}
-        except ValueError:
-            return response.status, {"message": raw.decode(errors="replace").strip()}
-    finally:
-        connection.close()
-
-
 def recorded_disk_mb(data_dir: str) -> int:
     """The disk limit the role last recorded; none (0) when it never did."""
     try:
@@ -330,7 +297,7 @@ def main() -> None:
 
     def docker(method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
         try:
-            return _request(p["docker_host"], method, path, p["timeout"], body)
+            return docker_request(p["docker_host"], method, path, p["timeout"], body)
         except (OSError, http.client.HTTPException, ValueError) as exc:
             module.fail_json(msg=f"cannot reach Docker at {p['docker_host']}: {exc}")
 
