@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from pony.orm import db_session, select
 
-from provisioner import admin, models, plans, revenue
+from provisioner import admin, alerts, models, plans, revenue
 from provisioner.ansible import operations
 from provisioner.ansible.runner import HostOutcome, RunResult
 from provisioner.config import ConfigError
@@ -575,16 +575,25 @@ def test_the_sweep_measures_data_hourly_and_alerts_once_per_stretch_over_the_pla
     assert detail["disk"]["used_mb"] == 1500.0 and detail["disk"]["limit_mb"] == 1024
     maintenance.health_sweep(plan_config)  # measured again, still over: no new alert
     assert runner.measured[-1] is True
-    Worker(plan_config).run_once()
-    (alert,) = outbox(plan_config, "admin_disk_over")
-    assert "1500 MiB of the plan's 1024 MiB" in bodies(alert)[0]
+    alerts.deliver_due(plan_config)  # the disk_full incident's email (alerts.py)
 
-    runner.usage = {"plan-shop": 900.0}
+    def disk_alerts() -> list[str]:
+        return [m["Subject"] for m in outbox(plan_config, "alert")
+                if "store plan-shop: disk nearly full" in m["Subject"]]
+
+    assert disk_alerts() == ["[provisioner] ALERT store plan-shop: disk nearly full"]
+    (alert,) = [m for m in outbox(plan_config, "alert") if "ALERT store plan-shop" in m["Subject"]]
+    assert "1500 MiB, 146% of the plan's 1024 MiB" in bodies(alert)[0]
+
+    runner.usage = {"plan-shop": 900.0}  # below ALERT_DISK_PERCENT (90%): resolved
     with db_session:
         store().disk_measured_at -= timedelta(minutes=plan_config.disk_check_minutes)
     maintenance.health_sweep(plan_config)
+    alerts.deliver_due(plan_config)
     with db_session:
         assert (store().disk_used_mb, store().disk_over_since) == (900.0, None)
+    assert sorted(disk_alerts()) == ["[provisioner] ALERT store plan-shop: disk nearly full",
+                                     "[provisioner] RESOLVED store plan-shop: disk nearly full"]
 
 
 

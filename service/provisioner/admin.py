@@ -10,7 +10,7 @@ from pathlib import Path
 from pony.orm import commit, count, desc, flush, select
 from pony.orm import max as pony_max
 
-from provisioner import backups, events, jobs, lifecycle, plans, revenue, store_plans
+from provisioner import backups, events, jobs, lifecycle, plans, revenue, store_plans, uptime
 from provisioner.config import Config
 from provisioner.models import (
     AnsibleRun,
@@ -275,6 +275,7 @@ def instance_detail(config: Config, instance_id: int) -> dict:
             **plan_detail(config, instance),
             "billing_events": billing_events(instance.customer),
             "backups": backups.listing(instance, limit=30),
+            "uptime": uptime.detail(instance, interval_minutes=config.health_interval_minutes),
             "retryable": instance.status in RETRY_STATES,
             "jobs": [job_summary(j) for j in recent_jobs],
             "health_history": [{"at": _iso(h.at), "ok": h.ok, "detail": h.detail,

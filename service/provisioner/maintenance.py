@@ -10,15 +10,14 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 from pony.orm import db_session, desc, flush, select
-from pony.orm import max as query_max
-from pony.orm import min as query_min
 
-from provisioner import docker_facts, docker_hosts, jobs, lifecycle, store_plans
+from provisioner import alerts, docker_facts, docker_hosts, jobs, lifecycle, store_plans
 from provisioner.ansible import operations
 from provisioner.ansible.operations import Operation
 from provisioner.ansible.store_vars import of_instance, with_target
 from provisioner.config import Config
 from provisioner.models import (
+    AlertIncident,
     AnsibleRun,
     HealthCheck,
     Instance,
@@ -104,12 +103,15 @@ def report_destroyed(report: Report) -> int:
 
 
 def health_sweep(config: Config, progress: Progress = _quiet) -> Report:
-    """Check every running store through nginx; restart a newly unhealthy one once,
-    alert the admin after HEALTH_ALERT_AFTER failures in a row. Only the judge's
-    verdict on a store counts: a sweep that broke around it changes no store."""
+    """Check every running store through nginx; restart a newly unhealthy one once.
+    A store the restart did not bring back, or failing HEALTH_ALERT_AFTER checks in a
+    row, opens a store_down incident (alerts.py: told once); a healthy check closes
+    it. Only the judge's verdict on a store counts: a sweep that broke around it
+    changes no store."""
     report = Report("health", counts={"healthy": 0, "unhealthy": 0})
     started = time.perf_counter()
     with db_session:
+        _close_stopped_incidents()
         running = _running_stores()
         stores = [of_instance(config, i) for i in running]
         measure = _disk_check_due(config, running)
@@ -130,6 +132,7 @@ def health_sweep(config: Config, progress: Progress = _quiet) -> Report:
             if outcome.ok:
                 instance.health_failures = 0
                 _record_healthy(instance)
+                alerts.resolve("store_down", instance)
                 report.counts["healthy"] = report.counts.get("healthy", 0) + 1
                 continue
             if not outcome.judged:
@@ -149,12 +152,10 @@ def health_sweep(config: Config, progress: Progress = _quiet) -> Report:
                 check.action = "alert"
                 instance.status_message = (f"unhealthy {instance.health_failures} times in a "
                                            f"row: {outcome.error}")
-                # One alert per streak of failures: keyed by the streak's first check.
-                last_ok = query_max(h.id for h in HealthCheck
-                                    if h.instance == instance and h.ok) or 0
-                first = query_min(h.id for h in HealthCheck
-                                  if h.instance == instance and not h.ok and h.id > last_ok)
-                lifecycle.notify(instance, "admin_unhealthy", key=f"check-{first}")
+                # One incident per outage: raised again while open, nothing is resent.
+                alerts.raise_alert("store_down", f"store {instance.subdomain}: unhealthy "
+                                   f"{instance.health_failures} checks in a row: "
+                                   f"{outcome.error}", instance)
             report.counts["unhealthy"] = report.counts.get("unhealthy", 0) + 1
             report.lines.append(f"{store.name}: {outcome.error}"
                                 + (f" -> {check.action}" if check.action else ""))
@@ -165,9 +166,15 @@ def health_sweep(config: Config, progress: Progress = _quiet) -> Report:
         with db_session:
             for store in to_restart:
                 outcome = restarted.hosts[store.name]
+                instance = Instance[int(store.instance_id)]
                 if outcome.ok:
                     # The restart waited for /health/: the streak of failures is over.
-                    Instance[int(store.instance_id)].health_failures = 0
+                    instance.health_failures = 0
+                    alerts.resolve("store_down", instance)
+                else:
+                    alerts.raise_alert("store_down", f"store {instance.subdomain}: down, and "
+                                       "the restart after its failed check did not bring "
+                                       f"it back: {outcome.error or 'failed'}", instance)
                 LogEntry(instance=int(store.instance_id),
                          level="info" if outcome.ok else "error",
                          message="health: restarted after a failed check: "
@@ -187,8 +194,9 @@ def _disk_check_due(config: Config, running: list[Instance]) -> bool:
 
 
 def _record_disk_usage(config: Config, usage: dict[str, float]) -> int:
-    """Each measured store's data size; the admin hears once when a store outgrows its
-    plan's disk (Docker cannot hold a bind-mounted dir to it). How many are over."""
+    """Each measured store's data size. At ALERT_DISK_PERCENT of its plan's disk a
+    disk_full incident opens (Docker cannot hold a bind-mounted dir to the plan), so
+    the admin hears before the store is over; below, it closes. How many are over."""
     now = utcnow()
     over = 0
     for name, mib in usage.items():
@@ -198,19 +206,38 @@ def _record_disk_usage(config: Config, usage: dict[str, float]) -> int:
         instance.disk_used_mb, instance.disk_measured_at = mib, now
         plan = store_plans.current(config, instance)
         limit = plan.disk_mb if plan is not None else 0
+        if limit and mib >= limit * config.alert_disk_percent / 100:
+            alerts.raise_alert("disk_full", f"store {name}: data takes {mib:g} MiB, "
+                               f"{mib / limit:.0%} of the plan's {limit} MiB (alert at "
+                               f"{config.alert_disk_percent}%)", instance)
+        else:
+            alerts.resolve("disk_full", instance)
         if limit and mib > limit:
             over += 1
             if instance.disk_over_since is None:
                 instance.disk_over_since = now
                 LogEntry(instance=instance, level="warning",
                          message=f"data takes {mib:g} MiB, more than the plan's {limit} MiB")
-            lifecycle.notify(instance, "admin_disk_over",
-                             key=instance.disk_over_since.isoformat(timespec="seconds"),
-                             text=f"{mib:g} MiB of the plan's {limit} MiB")
         elif instance.disk_over_since is not None:
             instance.disk_over_since = None
             LogEntry(instance=instance, message=f"data back within the plan's disk ({mib:g} MiB)")
     return over
+
+
+# A store stopped on purpose (billing, its end) is not down: its incidents close.
+_STOPPED_ON_PURPOSE = (StoreState.SUSPENDED.value, StoreState.CANCELLED.value,
+                       StoreState.DESTROYED.value)
+
+
+def _close_stopped_incidents() -> None:
+    """store_down and disk_full of stores no longer meant to run, which no sweep checks
+    again: resolved, not left open for ever."""
+    for incident in AlertIncident.select(lambda a: a.resolved_at is None
+                                         and a.kind in ("store_down", "disk_full")
+                                         and a.instance is not None):
+        instance = incident.instance
+        if not instance.live or instance.status in _STOPPED_ON_PURPOSE:
+            alerts.resolve(incident.kind, instance)
 
 
 def _record_healthy(instance: Instance) -> None:

@@ -614,7 +614,8 @@ def open_database(config: Config) -> Config:
 def reset() -> None:
     """Empty every table (tests share one mapped database per process)."""
     with db_session:
-        for entity in (LogEntry, HealthCheck, Notification, SubdomainHold, Job, AnsibleRun,
+        for entity in (AlertDelivery, AlertIncident, Backup, CustomDomain,
+                       LogEntry, HealthCheck, Notification, SubdomainHold, Job, AnsibleRun,
                        StripeEvent, WebhookDelivery, AuditEntry, Instance, Subscription,
                        Customer):
             entity.select().delete(bulk=True)

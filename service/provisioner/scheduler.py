@@ -1,5 +1,6 @@
 """Periodic maintenance inside `provisioner serve`, through the same job queue
-as everything else (so never two of one kind at once)."""
+as everything else (so never two of one kind at once); and alert delivery, which
+is no job: a thread of its own calls alerts.deliver_due every ALERT_SECONDS."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ import threading
 import schedule
 from pony.orm import db_session
 
-from provisioner import jobs
+from provisioner import alerts, jobs
 from provisioner.config import Config
 
 log = logging.getLogger(__name__)
+
+ALERT_SECONDS = 20
 
 
 def build(config: Config, wake: threading.Event) -> schedule.Scheduler:
@@ -32,8 +35,26 @@ def build(config: Config, wake: threading.Event) -> schedule.Scheduler:
     return scheduler
 
 
+def deliver_alerts(config: Config) -> int:
+    """One round of alert delivery; a failure is logged and the next round tries again."""
+    try:
+        return alerts.deliver_due(config)
+    except Exception:  # a locked DB, a bad template: never the end of alerting
+        log.exception("alert delivery round failed")
+        return 0
+
+
 def run(config: Config, stop: threading.Event, wake: threading.Event) -> threading.Thread:
+    """The schedule's thread (returned) and the alerts' thread beside it: a webhook
+    that takes its whole timeout never delays a scheduled job."""
     scheduler = build(config, wake)
+
+    def deliver() -> None:
+        while not stop.is_set():
+            deliver_alerts(config)
+            stop.wait(ALERT_SECONDS)
+
+    threading.Thread(target=deliver, name="provisioner-alerts", daemon=True).start()
 
     def loop() -> None:
         while not stop.is_set():

@@ -387,7 +387,6 @@ class Worker:
         if job.kind in (JobKind.CONVERGE, JobKind.DESTROY) and instance is not None:
             lifecycle.failed(instance, error, retrying)
             if alert or not retrying:
-                lifecycle.notify(instance, "admin_job_failed", key=f"job-{job_id}")
                 alerts.raise_alert("provision_failed", f"store {instance.subdomain}: {job.kind} "
                                    f"failed: {error}", instance)
         if email and (job.detail or "").startswith("welcome|"):

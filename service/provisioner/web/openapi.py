@@ -148,6 +148,10 @@ def document() -> dict:
                 "the clone's name, \"backup\": optional id (default: one taken now)}.",
                 {**JOB_QUEUED, "clone_id": {"type": "integer"},
                  "subdomain": {"type": "string"}}),
+            "/api/instances/{id}/uptime/": _admin_get(
+                "Uptime from the health history: 30- and 90-day figures (null without "
+                "data), hours checked, and one entry per day for 90 days.", with_id=True,
+                params=instance_id),
             "/api/instances/{id}/health/": _admin_get(
                 "Live check: container state and HTTP /health/.", with_id=True,
                 params=instance_id),

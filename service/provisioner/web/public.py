@@ -9,7 +9,7 @@ from pony.orm import db_session
 from pony.orm.core import OrmError
 from pony.orm.dbapiprovider import DBException
 
-from provisioner import admin, intake, models, plans, subdomains
+from provisioner import admin, intake, models, plans, subdomains, uptime
 from provisioner.checkout import (
     CheckoutUnavailable,
     create_checkout_session,
@@ -148,8 +148,12 @@ def signup_cancelled(web: Web):
 
 
 def status_page(web: Web):
+    """The service's state, and the uptime of the stores an admin made public."""
     with db_session:
-        return render("status.html", status=admin.public_status(), refresh=30)
+        return render("status.html", status=admin.public_status(),
+                      uptime=uptime.public_rows(
+                          interval_minutes=web.config.health_interval_minutes),
+                      refresh=30)
 
 
 ROUTES = (
