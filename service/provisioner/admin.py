@@ -10,9 +10,20 @@ from pathlib import Path
 from pony.orm import commit, count, desc, flush, select
 from pony.orm import max as pony_max
 
-from provisioner import backups, events, jobs, lifecycle, plans, revenue, store_plans, uptime
+from provisioner import (
+    alerts,
+    backups,
+    events,
+    jobs,
+    lifecycle,
+    plans,
+    revenue,
+    store_plans,
+    uptime,
+)
 from provisioner.config import Config
 from provisioner.models import (
+    AlertIncident,
     AnsibleRun,
     AuditEntry,
     Customer,
@@ -226,7 +237,10 @@ def dashboard(config: Config) -> dict:
             "failing_total": needing.count(),
             "recent": instance_summaries(config, Instance.select(), per_page=DASHBOARD_RECENT),
             "queue": [job_summary(j) for j in queue],
-            "queue_total": waiting.count()}
+            "queue_total": waiting.count(),
+            "alerts": alerts.open_incidents(limit=DASHBOARD_FAILING),
+            "alerts_total": AlertIncident.select(lambda a: a.resolved_at is None).count(),
+            "alert_deliveries_failed": alerts.deliveries_failed()}
 
 
 def _instances_matching(status: str | None, q: str | None):

@@ -395,10 +395,11 @@ def _as_dict(incident: AlertIncident) -> dict:
     }
 
 
-def open_incidents() -> list[dict]:
-    """The open incidents, newest first (needs a db_session)."""
-    return [_as_dict(i) for i in AlertIncident.select(lambda a: a.resolved_at is None)
-            .order_by(desc(AlertIncident.id))]
+def open_incidents(limit: int | None = None) -> list[dict]:
+    """The open incidents, newest first, at most `limit` (needs a db_session)."""
+    rows = AlertIncident.select(lambda a: a.resolved_at is None).order_by(
+        desc(AlertIncident.id))
+    return [_as_dict(i) for i in (rows[:limit] if limit else rows)]
 
 
 def recent(limit: int = 50) -> list[dict]:
