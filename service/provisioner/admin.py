@@ -13,6 +13,7 @@ from pony.orm import max as pony_max
 from provisioner import (
     alerts,
     backups,
+    domains,
     events,
     jobs,
     lifecycle,
@@ -238,7 +239,7 @@ def dashboard(config: Config) -> dict:
             "recent": instance_summaries(config, Instance.select(), per_page=DASHBOARD_RECENT),
             "queue": [job_summary(j) for j in queue],
             "queue_total": waiting.count(),
-            "alerts": alerts.open_incidents(limit=DASHBOARD_FAILING),
+            "alerts": alerts.open_incidents(limit=DASHBOARD_FAILING, deliveries=False),
             "alerts_total": AlertIncident.select(lambda a: a.resolved_at is None).count(),
             "alert_deliveries_failed": alerts.deliveries_failed()}
 
@@ -289,6 +290,7 @@ def instance_detail(config: Config, instance_id: int) -> dict:
             **plan_detail(config, instance),
             "billing_events": billing_events(instance.customer),
             "backups": backups.listing(instance, limit=30),
+            "domains": domains.detail(config, instance),
             "uptime": uptime.detail(instance, interval_minutes=config.health_interval_minutes),
             "retryable": instance.status in RETRY_STATES,
             "jobs": [job_summary(j) for j in recent_jobs],

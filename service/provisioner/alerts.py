@@ -374,7 +374,7 @@ def deliver_due(config: Config, now: datetime | None = None) -> int:
 
 # -- what admins see (no addresses: labels only) -----------------------------------
 
-def _as_dict(incident: AlertIncident) -> dict:
+def _as_dict(incident: AlertIncident, deliveries: bool = True) -> dict:
     return {
         "id": incident.id,
         "key": incident.key,
@@ -391,15 +391,17 @@ def _as_dict(incident: AlertIncident) -> dict:
             "attempts": d.attempts, "last_error": d.last_error,
             "sent_at": _stamp(d.sent_at),
             "next_try_at": _stamp(d.next_try_at) if d.status == "pending" else None,
-        } for d in incident.deliveries.select().order_by(AlertDelivery.id)],
+        } for d in incident.deliveries.select().order_by(AlertDelivery.id)] if deliveries
+        else None,
     }
 
 
-def open_incidents(limit: int | None = None) -> list[dict]:
-    """The open incidents, newest first, at most `limit` (needs a db_session)."""
+def open_incidents(limit: int | None = None, deliveries: bool = True) -> list[dict]:
+    """The open incidents, newest first, at most `limit`; without their deliveries, in
+    two queries however many (needs a db_session)."""
     rows = AlertIncident.select(lambda a: a.resolved_at is None).order_by(
-        desc(AlertIncident.id))
-    return [_as_dict(i) for i in (rows[:limit] if limit else rows)]
+        desc(AlertIncident.id)).prefetch(AlertIncident.instance, AlertIncident.summary)
+    return [_as_dict(i, deliveries) for i in (rows[:limit] if limit else rows)]
 
 
 def recent(limit: int = 50) -> list[dict]:

@@ -114,6 +114,15 @@ class Config:
     trusted_proxies: tuple[str, ...]
     check_subdomain_per_minute: int
     checkout_per_minute: int
+    # Customers' own domains (domains.py, certificates.py).
+    acme_directory_url: str
+    acme_email: str
+    acme_ca_bundle: str
+    acme_renew_days: int
+    acme_challenge_upstream: str
+    custom_domain_target: str
+    # "address#port" (dnspython's way), or empty for the system's resolvers.
+    dns_server: str
     # Not settings: where the project is, and the worker's pace.
     project_dir: Path = PROJECT_DIR
     worker_poll_seconds: float = 1.0

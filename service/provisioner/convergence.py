@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from pony.orm import db_session
 
-from provisioner import jobs, lifecycle, store_plans
+from provisioner import domains, jobs, lifecycle, store_plans
 from provisioner.ansible.operations import Operation
 from provisioner.ansible.store_vars import VHOST_OF_STATE, StoreVars, of_instance
 from provisioner.config import Config
@@ -83,6 +83,10 @@ def plan_converge(config: Config, job_ids: list[int]) -> list[Batch]:
                         Operation.PROVISION if desired == StoreState.RUNNING
                         else Operation.SUSPEND,
                         on_success=lambda i, d=desired: converged(i, d))
+                if desired == StoreState.CANCELLED:
+                    # Its own domains go with the closing: certificates now, vhost and
+                    # ALLOWED_HOSTS with this converge.
+                    domains.store_ended(config, instance)
                 plans[instance.id] = plan = store_plans.wanted(config, instance)
                 changing = plan is not None and plan != store_plans.current(config, instance)
                 batches[desired].add(job, of_instance(config, instance, plan).with_(
@@ -140,6 +144,7 @@ def plan_destroy(config: Config, job_ids: list[int]) -> list[Batch]:
                 lifecycle.destroyed(instance, None)
                 jobs.complete(job)
             else:
+                domains.store_ended(config, instance)
                 archives[instance.id] = \
                     f"{config.backup_root}/{instance.subdomain}-{instance.id}-{stamp}.tar.gz"
                 batch.add(job, of_instance(config, instance).with_(archive=archives[instance.id]))

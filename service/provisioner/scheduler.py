@@ -10,7 +10,7 @@ import threading
 import schedule
 from pony.orm import db_session
 
-from provisioner import alerts, jobs
+from provisioner import alerts, domains, jobs
 from provisioner.config import Config
 
 log = logging.getLogger(__name__)
@@ -30,9 +30,23 @@ def build(config: Config, wake: threading.Event) -> schedule.Scheduler:
     scheduler.every(config.health_interval_minutes).minutes.do(queue, "health")
     scheduler.every(config.sync_interval_minutes).minutes.do(queue, "sync")
     scheduler.every().day.at(config.cleanup_at).do(queue, "cleanup")
+    # Certificates of customers' domains due for renewal (only queues jobs).
+    scheduler.every(6).hours.do(renew_certificates, config)
     if config.backup_at != "off":
         scheduler.every().day.at(config.backup_at).do(queue, "backup")
     return scheduler
+
+
+def renew_certificates(config: Config) -> int:
+    """Queue the renewals due; a failure is logged and the next round tries again."""
+    try:
+        queued = domains.renew_due(config)
+    except Exception:  # a locked DB: the next round is hours away, not never
+        log.exception("queueing certificate renewals failed")
+        return 0
+    if queued:
+        log.info("%d certificate renewal(s) queued", queued)
+    return queued
 
 
 def deliver_alerts(config: Config) -> int:

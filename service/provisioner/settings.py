@@ -112,6 +112,39 @@ def installation_id(name: str, raw: str) -> str:
     return raw
 
 
+def https_url(name: str, raw: str) -> str:
+    if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", raw):
+        raise ConfigError(f"{name} must be an http(s) URL, got {raw!r}")
+    return raw
+
+
+def origin(name: str, raw: str) -> str:
+    """scheme://host[:port], nothing after it (nginx passes the request's own path)."""
+    value = raw.rstrip("/")
+    if not re.fullmatch(r"https?://[A-Za-z0-9.\-]+(:[0-9]{1,5})?|https?://\[[0-9A-Fa-f:.]+\]"
+                        r"(:[0-9]{1,5})?", value):
+        raise ConfigError(f"{name} must be scheme://host[:port] with no path, got {raw!r}")
+    return value
+
+
+def dns_server(name: str, raw: str) -> str:
+    """An IP address, optionally with a port (`127.0.0.1:8053`, `[::1]:53`)."""
+    host, port = raw, "53"
+    if raw.startswith("["):
+        host, _, rest = raw[1:].partition("]")
+        port = rest.removeprefix(":") or "53"
+    elif raw.count(":") == 1:
+        host, port = raw.split(":")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(f"{name} must be an IP address, optionally with :port, "
+                          f"got {raw!r}") from None
+    if not (port.isdigit() and 0 < int(port) < 65536):
+        raise ConfigError(f"{name}: bad port in {raw!r}")
+    return f"{host}#{port}"
+
+
 REQUIRED = object()
 
 
@@ -274,6 +307,25 @@ SETTINGS: tuple[Setting, ...] = (
       "per client address, for `/api/check-subdomain/`"),
     S("CHECKOUT_PER_MINUTE", "checkout_per_minute", 10, integer(1, 100_000),
       "per client address, for `/api/create-checkout/`"),
+    S("ACME_DIRECTORY_URL", "acme_directory_url",
+      "https://acme-v02.api.letsencrypt.org/directory", https_url,
+      "the ACME server that issues certificates for customers' own domains (HTTP-01)",
+      shown="Let's Encrypt"),
+    S("ACME_EMAIL", "acme_email", "", text,
+      "contact address of the ACME account (expiry and policy notices); empty: none"),
+    S("ACME_CA_BUNDLE", "acme_ca_bundle", "", text,
+      "CA bundle trusted for the ACME server's own HTTPS; empty: the system's"),
+    S("ACME_RENEW_DAYS", "acme_renew_days", 30, integer(1, 89),
+      "a custom domain's certificate is renewed this many days before it expires"),
+    S("ACME_CHALLENGE_UPSTREAM", "acme_challenge_upstream", "", origin,
+      "`http(s)://host:port` of this service as the nginx hosts reach it: they pass "
+      "`/.well-known/acme-challenge/` requests to it", shown="`PROVISIONER_PUBLIC_URL`"),
+    S("CUSTOM_DOMAIN_TARGET", "custom_domain_target", "", lower,
+      "what customers point their own domains at: a host name (CNAME) or comma-separated IP "
+      "addresses (A/AAAA)", shown="the store's `<subdomain>.<BASE_DOMAIN>`"),
+    S("DNS_SERVER", "dns_server", "", dns_server,
+      "`address` or `address:port` of the DNS server the custom-domain check asks",
+      shown="the system's resolvers"),
 )
 
 

@@ -139,6 +139,8 @@ def settings_vars(config: Config) -> dict:
         "nginx_site_ssl_certificate_key": config.wildcard_ssl_key,
         "ebuilder_instance_installation_id": config.installation_id,
         "nginx_site_installation_id": config.installation_id,
+        # nginx passes ACME's HTTP-01 challenges to this service (web/domains.py).
+        "nginx_site_acme_challenge_upstream": config.acme_challenge_upstream or config.public_url,
     }
 
 

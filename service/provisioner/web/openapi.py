@@ -148,6 +148,18 @@ def document() -> dict:
                 "the clone's name, \"backup\": optional id (default: one taken now)}.",
                 {**JOB_QUEUED, "clone_id": {"type": "integer"},
                  "subdomain": {"type": "string"}}),
+            "/api/instances/{id}/domains/": {
+                **_admin_get("The store's own domains: status, DNS record to create, "
+                             "certificate expiry.", with_id=True, params=instance_id),
+                **_admin_post("Add a domain: body {\"name\": \"shop.example.com\"} (409 with "
+                              "the reason when refused).",
+                              {**JOB_QUEUED, "domain": {"type": "object"}})},
+            "/api/instances/{id}/domains/{id}/remove/": _admin_post(
+                "Queue the removal of a domain: vhost, ALLOWED_HOSTS, certificate.",
+                {**JOB_QUEUED, "domain": {"type": "object"}}),
+            "/api/instances/{id}/domains/{id}/check/": _admin_post(
+                "Check a waiting or failed domain's DNS again now.",
+                {**JOB_QUEUED, "domain": {"type": "object"}}),
             "/api/instances/{id}/uptime/": _admin_get(
                 "Uptime from the health history: 30- and 90-day figures (null without "
                 "data), hours checked, and one entry per day for 90 days.", with_id=True,
