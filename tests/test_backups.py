@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import os
 import subprocess
 import tarfile
 from datetime import timedelta
@@ -118,14 +119,43 @@ def test_an_archive_without_a_database_is_not_a_stores_backup(tmp_path):
 
 def test_restore_swaps_the_data_keeping_the_old_until_committed_or_rolled_back(tmp_path):
     data = a_store_dir(tmp_path)
+    os.chmod(data / "db", 0o700)
+    os.chown(data / "db" / "admin", 1234, 1234)
     path = tmp_path / "one.tar.gz"
     make_archive(data, path)
     (data / "media" / "page.txt").write_text("changed\n")
-    restore_module.unpack(str(path), str(tmp_path / "incoming"), ["secret_key"])
-    incoming = tmp_path / "incoming"
+    incoming = Path(f"{data}.restoring")
+    restore_module.unpack(str(path), str(incoming), ["secret_key"])
     assert (incoming / "media" / "page.txt").read_text() == "original\n"
     assert not (incoming / "secret_key").exists()
-    assert (incoming / "db" / "admin").stat().st_mode == (data / "db" / "admin").stat().st_mode
+    # Owners and modes as they were (an app running as its own user can still write).
+    assert (incoming / "db").stat().st_mode & 0o777 == 0o700
+    assert (incoming / "db" / "admin").stat().st_uid == 1234
+    # A restore that failed puts the store's own data back ...
+    restore_module.swap(str(data))
+    assert (data / "media" / "page.txt").read_text() == "original\n"
+    assert restore_module.roll_back(str(data))
+    assert (data / "media" / "page.txt").read_text() == "changed\n"
+    # ... one that held drops it.
+    restore_module.unpack(str(path), str(incoming), [])
+    restore_module.swap(str(data))
+    assert restore_module.commit(str(data))
+    assert not Path(f"{data}.before-restore").exists() and not incoming.exists()
+    assert (data / "media" / "page.txt").read_text() == "original\n"
+
+
+def test_data_an_unfinished_restore_left_aside_is_never_deleted(tmp_path):
+    data = a_store_dir(tmp_path)
+    path = tmp_path / "one.tar.gz"
+    make_archive(data, path)
+    aside = Path(f"{data}.before-restore")
+    aside.mkdir()
+    (aside / "only-copy.txt").write_text("orders of last week")
+    restore_module.unpack(str(path), f"{data}.restoring", [])
+    result = restore_module.swap(str(data))
+    assert (Path(result["earlier_kept"]) / "only-copy.txt").read_text() == "orders of last week"
+    assert restore_module.roll_back(str(data))
+    assert (data / "media" / "page.txt").read_text() == "original\n"
 
 
 def test_retention_keeps_the_newest_and_drops_by_count_and_age(config):
@@ -134,16 +164,22 @@ def test_retention_keeps_the_newest_and_drops_by_count_and_age(config):
                             port=19150, status="running")
         now = utcnow()
         rows = [Backup(instance=instance, path=f"/b/{n}.tar.gz", docker_host="localhost",
-                       status="ok", created_at=now - timedelta(days=n)) for n in range(6)]
+                       status="ok", reason="scheduled", created_at=now - timedelta(days=n))
+                for n in range(6)]
         Backup(instance=instance, path="/b/failed.tar.gz", docker_host="localhost",
-               status="failed", created_at=now)
+               status="failed", reason="scheduled", created_at=now)
+        Backup(instance=instance, path="/b/manual.tar.gz", docker_host="localhost",
+               status="ok", reason="manual", created_at=now - timedelta(days=5))
         kept3 = dataclasses.replace(config, backup_keep=3, backup_keep_days=30)
-        # A new one will be made: the two newest stay beside it.
+        # A new scheduled one will be made: the two newest stay beside it; a manual
+        # backup never counts against the schedule's history.
         assert {b.path for b in backups.expired(kept3, instance, now)} == \
             {r.path for r in rows[2:]}
+        assert {b.path for b in backups.expired(kept3, instance, now, "manual")} == \
+            {r.path for r in rows[3:]}
         by_age = dataclasses.replace(config, backup_keep=10, backup_keep_days=3)
         assert {b.path for b in backups.expired(by_age, instance, now)} == \
-            {r.path for r in rows[4:]}
+            {r.path for r in rows[4:]} | {"/b/manual.tar.gz"}
 
 
 class BackupRun:

@@ -57,7 +57,7 @@ def summary(backup: Backup) -> dict:
 def listing(instance: Instance, limit: int = 50) -> list[dict]:
     """The store's backups, newest first, deleted ones left out (needs a db_session)."""
     rows = instance.backups.select(lambda b: b.status != "deleted").order_by(
-        desc(Backup.created_at), desc(Backup.id)).limit(limit)
+        desc(Backup.created_at), desc(Backup.id)).prefetch(Backup.error).limit(limit)
     return [summary(b) for b in rows]
 
 
@@ -66,14 +66,20 @@ def latest_good(instance: Instance) -> Backup | None:
         desc(Backup.created_at), desc(Backup.id)).first()
 
 
-def expired(config: Config, instance: Instance, now: datetime) -> list[Backup]:
-    """What retention drops once a new backup is made: all but the newest BACKUP_KEEP - 1
-    good ones, and those older than BACKUP_KEEP_DAYS (the new one is then the newest)."""
+def expired(config: Config, instance: Instance, now: datetime,
+            reason: str = "scheduled") -> list[Backup]:
+    """What retention drops once a new backup (made for `reason`) is made: the scheduled
+    ones beyond the newest BACKUP_KEEP (the new one counted), and any older than
+    BACKUP_KEEP_DAYS (the new one is then the newest good one). Manual, clone and other
+    backups do not count: clicking Back up seven times never pushes the week's history
+    out."""
     good = list(instance.backups.select(lambda b: b.status == "ok").order_by(
         desc(Backup.created_at), desc(Backup.id)))
     cutoff = now - timedelta(days=config.backup_keep_days)
-    kept = good[:config.backup_keep - 1]
-    return [b for b in good if b not in kept or b.created_at < cutoff]
+    scheduled = [b for b in good if b.reason == "scheduled"]
+    kept = scheduled[:config.backup_keep - (1 if reason == "scheduled" else 0)]
+    return [b for b in good if b.created_at < cutoff
+            or (b.reason == "scheduled" and b not in kept)]
 
 
 # -- requests (admin API, pages, CLI): checked at once, done by the worker ----------
@@ -95,7 +101,8 @@ def find_backup(instance: Instance, which: str | int | None) -> Backup:
             raise Refused(f"store {instance.subdomain} has no good backup")
         return backup
     text = str(which)
-    backup = Backup.get(id=int(text)) if text.isdigit() else Backup.get(path=text)
+    number = text.isascii() and text.isdigit() and len(text) <= 18
+    backup = Backup.get(id=int(text)) if number else Backup.get(path=text)
     if backup is None or backup.instance != instance:
         raise Refused(f"store {instance.subdomain} has no backup {text}")
     if backup.status != "ok":
@@ -155,7 +162,10 @@ def run_job(config: Config, job_id: int) -> str:
     if kind == JobKind.RESTORE:
         return restore(config, instance_id, int(detail))
     source_id, _, which = detail.partition(":")
-    return clone(config, instance_id, int(source_id), None if which == "new" else int(which))
+    with db_session:
+        last_try = Job[job_id].attempts + 1 >= config.job_max_attempts
+    return clone(config, instance_id, int(source_id), None if which == "new" else int(which),
+                 last_try=last_try)
 
 
 def backup(config: Config, instance_ids: list[int] | None, reason: str) -> str:
@@ -175,7 +185,7 @@ def backup(config: Config, instance_ids: list[int] | None, reason: str) -> str:
             path = archive_path(config, instance, now)
             row = Backup(instance=instance, path=path, docker_host=instance.docker_host,
                          reason=reason, created_at=now)
-            dropped = expired(config, instance, now)
+            dropped = expired(config, instance, now, reason)
             planned.append((row, of_instance(config, instance).with_(
                 backup=path, backup_remove=tuple(b.path for b in dropped)),
                 [b.id for b in dropped]))
@@ -245,6 +255,10 @@ def restore(config: Config, instance_id: int, backup_id: int) -> str:
         instance, row = Instance[instance_id], Backup[backup_id]
         if row.instance != instance or row.status != "ok":
             raise Refused(f"backup {backup_id} is not a good backup of {instance.subdomain}")
+        if not instance.live or instance.status != StoreState.RUNNING:
+            # Suspended or stopped since it was asked: restore.yml would start it.
+            raise Refused(f"store {instance.subdomain} is {instance.status} now; only a "
+                          "running store is restored")
         store = of_instance(config, instance).with_(restore_from=row.path,
                                                     restore_sha256=row.sha256)
         LogEntry(instance=instance, message=f"restore from backup {row.id} ({row.path}) "
@@ -259,13 +273,18 @@ def restore(config: Config, instance_id: int, backup_id: int) -> str:
     return f"restored {store.name} from backup {backup_id}"
 
 
-def clone(config: Config, clone_id: int, source_id: int, backup_id: int | None) -> str:
+def clone(config: Config, clone_id: int, source_id: int, backup_id: int | None,
+          last_try: bool = False) -> str:
     """A new store on a copy of another's data: a backup of the source made now (or the
     one asked for), unpacked into the clone's data dir, its container and vhost made."""
     if backup_id is None:
-        backup(config, [source_id], reason="clone")
+        asked = utcnow()
+        backup(config, [source_id], reason="clone")  # raises (a retry) when it failed
         with db_session:
             made = latest_good(Instance[source_id])
+            if made is None or made.created_at < asked:
+                raise Refused(f"store {Instance[source_id].subdomain} could not be backed "
+                              "up for the clone (it no longer has data to copy)")
             backup_id = made.id
     with db_session:
         instance, row = Instance[clone_id], Backup[backup_id]
@@ -275,7 +294,8 @@ def clone(config: Config, clone_id: int, source_id: int, backup_id: int | None) 
     with db_session:
         instance = Instance[clone_id]
         if not outcome.ok:
-            lifecycle.failed(instance, outcome.error or "clone failed", retrying=True)
+            # Failed for good on the last try: it must not be provisioned empty later.
+            lifecycle.failed(instance, outcome.error or "clone failed", retrying=not last_try)
             raise RuntimeError(f"clone into {instance.subdomain} failed: {outcome.error}")
         lifecycle.converged(instance, StoreState.RUNNING)
         lifecycle.reconcile(instance, config)

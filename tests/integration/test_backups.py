@@ -155,3 +155,21 @@ def test_the_store_page_backs_up_and_restores_with_its_buttons(service, browser)
          what="the restored page through nginx")
     shot(tab, "admin-store-backups")
     context.close()
+
+
+def test_a_restore_whose_store_does_not_start_puts_its_own_data_back(service):
+    provision(service, "undo-shop")
+    data = data_dir(service, "undo-shop")
+    (data / "media" / "page.txt").write_text("old\n")
+    # A backup of a moment the store was broken (the stand-in fails /health/ then).
+    (data / "db" / "unhealthy").write_text("on purpose")
+    assert service.cli("backup", "undo-shop", "--wait").returncode == 0
+    (data / "db" / "unhealthy").unlink()
+    (data / "media" / "page.txt").write_text("current\n")
+
+    failed = service.cli("restore", "undo-shop", "--wait")
+    assert failed.returncode == 1
+    assert "restore failed, the store's previous data is back" in failed.stderr
+    assert page(service, "undo-shop") == (200, b"current\n")
+    assert page(service, "undo-shop", "/health/")[0] == 200
+    assert not (data / "db" / "unhealthy").exists()

@@ -15,13 +15,17 @@ description:
     O(dump_label)), it is run in the container first (it writes a consistent dump under
     C(/app/db)) and nothing is paused. Otherwise the running container is paused while
     O(pause_paths) (its database files) are copied aside, at most O(max_pause_seconds),
-    and is always unpaused; the archive takes that copy. A stopped store is at rest.
+    and is always unpaused (a watchdog ends a slower copy, which fails the backup; a run
+    killed while the store is paused leaves a mark, and the next backup unpauses it);
+    the archive takes that copy (C(cp -a): owners and modes kept). A stopped store is at
+    rest.
   - Retention. The archives in O(remove) are deleted (only C(.tar.gz) files in the
     archive's own directory, never the new one).
   - Second location. With O(copy_to) (a path on this host, or an rsync target
     C(user@host:/path)), the archive's directory is mirrored to C(<copy_to>/<dir name>/)
-    with C(rsync --delete), so the copy follows the same retention. A failed copy does
-    not fail the backup; it is returned in RV(copy_error).
+    with rsync, deleting there at most what retention just removed (C(--max-delete)), so
+    the copy follows the same retention but never empties because this host's dir was
+    lost. A failed copy does not fail the backup; it is returned in RV(copy_error).
 options:
   docker_host:
     description: The Docker API, C(unix://path) or C(tcp://host:port) (plain HTTP).
@@ -137,14 +141,21 @@ class BackupFailed(Exception):
     pass
 
 
-def copy_within(source: str, target: str, deadline: float) -> None:
-    """copytree that gives up at `deadline` (the container is paused meanwhile)."""
-    def check(directory, names):
-        if time.monotonic() > deadline:
-            raise BackupFailed("copying the database files took longer than allowed; "
-                               "the container was unpaused and nothing was kept")
-        return []
-    shutil.copytree(source, target, symlinks=True, ignore=check)
+# Written before the container is paused and removed once it is unpaused: a run killed
+# in between leaves it, and the next backup unpauses the container it names.
+PAUSE_MARK = ".backup-paused"
+
+
+def copy_within(source: str, target: str, seconds: float) -> None:
+    """`cp -a` (owners, modes, times, links as they are), ended after `seconds`."""
+    try:
+        done = subprocess.run(["cp", "-a", source, target], capture_output=True, text=True,
+                              timeout=max(seconds, 0.1))
+    except subprocess.TimeoutExpired:
+        raise BackupFailed("copying the database files took longer than allowed; the "
+                           "container was unpaused and nothing was kept") from None
+    if done.returncode != 0:
+        raise BackupFailed(f"copying the database files failed: {done.stderr.strip()[-300:]}")
 
 
 class Docker:
@@ -169,9 +180,22 @@ class Docker:
 
     def pause(self, unpause: bool = False) -> None:
         status, body = self.call("POST", self.path + ("/unpause" if unpause else "/pause"))
-        if status not in (204, 304):
-            raise BackupFailed(f"cannot {'un' if unpause else ''}pause {self.container}: "
-                               f"{body.get('message')}")
+        if status in (204, 304) or (unpause and status == 409
+                                    and "not paused" in str(body.get("message"))):
+            return
+        raise BackupFailed(f"cannot {'un' if unpause else ''}pause {self.container}: "
+                           f"{body.get('message')}")
+
+    def unpause(self, attempts: int = 5) -> None:
+        """A store left paused is down: try hard, then say so loudly."""
+        for attempt in range(attempts):
+            try:
+                self.pause(unpause=True)
+                return
+            except BackupFailed:
+                if attempt == attempts - 1:
+                    raise
+                time.sleep(0.5)
 
     def run(self, command: str) -> None:
         """The image's dump command, in the container; its exit status decides."""
@@ -201,6 +225,12 @@ def snapshot(p: dict, staging: str) -> tuple[str, float, set[str]]:
     docker = Docker(p["docker_host"], p["container"], p["timeout"])
     info = docker.inspect()
     state = (info or {}).get("State") or {}
+    mark = os.path.join(p["data_dir"], PAUSE_MARK)
+    if state.get("Paused") and os.path.exists(mark):
+        docker.unpause()  # an earlier backup was killed while it held the store paused
+        os.unlink(mark)
+        info = docker.inspect()
+        state = (info or {}).get("State") or {}
     if not state.get("Running"):
         return "at rest", 0.0, set()
     if state.get("Paused"):
@@ -211,17 +241,17 @@ def snapshot(p: dict, staging: str) -> tuple[str, float, set[str]]:
         return "dump", 0.0, set()
     entries = {e for e in p["pause_paths"] if os.path.exists(os.path.join(p["data_dir"], e))}
     os.makedirs(staging, mode=0o700)
+    with open(os.open(mark, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as handle:
+        handle.write(f"{os.getpid()}\n")
     started = time.monotonic()
-    docker.pause()
     try:
+        docker.pause()
         for entry in sorted(entries):
             copy_within(os.path.join(p["data_dir"], entry), os.path.join(staging, entry),
-                        started + p["max_pause_seconds"])
+                        started + p["max_pause_seconds"] - time.monotonic())
     finally:
-        try:
-            docker.pause(unpause=True)
-        except BackupFailed:
-            docker.pause(unpause=True)  # once more; a store left paused is down
+        docker.unpause()
+        os.unlink(mark)
     return "pause", round(time.monotonic() - started, 3), entries
 
 
@@ -231,6 +261,8 @@ def write_archive(data_dir: str, partial: str, staging: str, staged: set[str]) -
                                                   compresslevel=6) as tar:
         tar.add(data_dir, arcname=TOP, recursive=False)
         for entry in sorted(os.listdir(data_dir)):
+            if entry == PAUSE_MARK:
+                continue
             source = os.path.join(staging if entry in staged else data_dir, entry)
             tar.add(source, arcname=f"{TOP}/{entry}")
 
@@ -249,11 +281,14 @@ def prune(archive: str, old: list[str]) -> list[str]:
     return removed
 
 
-def mirror(folder: str, copy_to: str) -> tuple[str, str]:
-    """The archives' dir mirrored to the second location: (its path, error)."""
+def mirror(folder: str, copy_to: str, removed: int) -> tuple[str, str]:
+    """The archives' dir mirrored to the second location: (its path, error). It deletes
+    there no more than retention just removed here (each archive and its checksum): a
+    backup dir lost or emptied on this host never empties the second copy."""
     target = copy_to.rstrip("/") + "/" + os.path.basename(folder) + "/"
-    command = ["rsync", "-a", "--delete", "--mkpath", "--chmod=D700,F600",
-               "--exclude=*.partial", "--exclude=*.staging", folder + "/", target]
+    command = ["rsync", "-a", "--delete", f"--max-delete={2 * removed}", "--mkpath",
+               "--chmod=D700,F600", "--exclude=*.partial", "--exclude=*.staging",
+               f"--exclude={PAUSE_MARK}", folder + "/", target]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=3600)
     except (OSError, subprocess.TimeoutExpired) as exc:
@@ -303,7 +338,8 @@ def main() -> None:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     removed = prune(archive, p["remove"])
-    copy_path, copy_error = mirror(folder, p["copy_to"]) if p["copy_to"] else ("", "")
+    copy_path, copy_error = mirror(folder, p["copy_to"], len(removed)) if p["copy_to"] \
+        else ("", "")
     module.exit_json(changed=True, archive=archive, sha256=digest,
                      size_bytes=checked["size_bytes"], mode=mode, paused_seconds=paused,
                      removed=removed, copy_path=copy_path + os.path.basename(archive)
