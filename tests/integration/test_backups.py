@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
+from datetime import timedelta
 from pathlib import Path
 
 from pony.orm import db_session
 
-from provisioner.models import Backup, Instance
+from provisioner.models import Backup, CustomDomain, HealthCheck, Instance, utcnow
 from tests.integration.conftest import docker, https_request, inspect, poll
 from tests.integration.test_operations import provision
 
@@ -131,6 +132,8 @@ def test_an_image_with_a_dump_hook_is_dumped_not_paused(service, tmp_path):
 
 
 def test_the_store_page_backs_up_and_restores_with_its_buttons(service, browser):
+    """The store's care on one page (backups, its own domains, its uptime), saved as
+    test-artifacts/admin-store-care.png."""
     from tests.integration.conftest import ADMIN_PASSWORD
     from tests.integration.test_admin_live import shot
 
@@ -138,7 +141,17 @@ def test_the_store_page_backs_up_and_restores_with_its_buttons(service, browser)
     media = data_dir(service, "page-shop") / "media" / "page.txt"
     media.write_text("first\n")
     with db_session:
-        store = Instance.get(subdomain="page-shop", live=True).id
+        instance = Instance.get(subdomain="page-shop", live=True)
+        store = instance.id
+        # A domain waiting for its DNS record, and 40 days of health history with an
+        # outage: what the page shows beside the backups.
+        CustomDomain(instance=instance, name="shop.page-customer.test",
+                     last_error="no A record yet")
+        now = utcnow().replace(minute=30, second=0, microsecond=0)
+        for hours in range(40 * 24, 0, -3):
+            at = now - timedelta(hours=hours)
+            HealthCheck(instance=instance, at=at, ok=not 200 <= hours < 206,
+                        detail="healthy" if not 200 <= hours < 206 else "HTTP 502")
     context = browser.new_context(http_credentials={"username": "admin",
                                                     "password": ADMIN_PASSWORD},
                                   viewport={"width": 420, "height": 900})
@@ -153,7 +166,13 @@ def test_the_store_page_backs_up_and_restores_with_its_buttons(service, browser)
     assert "restore of backup" in tab.locator(".flash").inner_text()
     poll(lambda: page(service, "page-shop") == (200, b"first\n"), timeout=120,
          what="the restored page through nginx")
-    shot(tab, "admin-store-backups")
+    tab.reload()
+    # The name, and the DNS record its customer is to create.
+    assert "shop.page-customer.test. CNAME page-shop.stores.test." in \
+        tab.locator("#domain-list").inner_text()
+    assert tab.locator("#uptime-heading").is_visible()
+    assert tab.locator(".uptime svg").count() >= 1
+    shot(tab, "admin-store-care")
     context.close()
 
 
