@@ -18,10 +18,12 @@ from provisioner.ansible.runner import HostOutcome, RunResult
 from provisioner.config import load_config
 from provisioner.models import StripeEvent
 from provisioner.testing import stripe_events
+from tests.postgres import postgres_server, postgres_url  # noqa: F401 (fixtures)
 
 WEBHOOK_SECRET = "whsec_test_" + "x" * 24
 BASE_DOMAIN = "stores.test"
 INSTALLATION_ID = f"test-{secrets.token_hex(4)}"
+PORT_BASE = int(os.environ.get("TEST_PORT_BASE", "19100"))
 
 
 @pytest.fixture(scope="session")
@@ -35,12 +37,17 @@ def base_env(data_dir) -> dict[str, str]:
         "STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET,
         "BASE_DOMAIN": BASE_DOMAIN,
         "PROVISIONER_DATA_DIR": str(data_dir),
-        "PORT_RANGE_START": "19100",
-        "PORT_RANGE_END": "19199",
+        # TEST_PORT_BASE lets a second test session run beside this one on the machine.
+        "PORT_RANGE_START": str(PORT_BASE),
+        "PORT_RANGE_END": str(PORT_BASE + 99),
         "JOB_RETRY_BASE_SECONDS": "0",
         # Marks everything the tests make, so they touch nothing else on the engine.
         "INSTALLATION_ID": INSTALLATION_ID,
         "PATH": os.environ.get("PATH", ""),
+        # The tests' one mapped database: SQLite in the data dir, or the PostgreSQL
+        # database TEST_DATABASE_URL names (tests/test_postgres_suite.py runs suites so).
+        **({"DATABASE_URL": os.environ["TEST_DATABASE_URL"]}
+           if os.environ.get("TEST_DATABASE_URL") else {}),
     }
 
 

@@ -16,6 +16,7 @@ from provisioner.ansible.operations import Operation
 from provisioner.ansible.store_vars import StoreVars, of_instance
 from provisioner.models import AnsibleRun, Instance, Job, StripeEvent
 from provisioner.testing import stripe_events
+from tests.conftest import PORT_BASE
 from tests.integration.conftest import https_request, inspect, wait_until_live
 
 
@@ -119,7 +120,7 @@ def test_second_playbook_run_changes_nothing(service):
 def test_one_bad_vhost_in_a_batch_fails_only_its_store(service):
     """Each vhost is validated alone before it lands; nginx is tested and reloaded once."""
     batch = [StoreVars(name=name, instance_id=f"batch-{n}", site_name=name,
-                       admin_email=f"{name}@example.com", port=19190 + n,
+                       admin_email=f"{name}@example.com", port=PORT_BASE + 90 + n,
                        docker_host="localhost", upload_limit=limit)
              for n, (name, limit) in enumerate([("good-a", "100m"), ("bad-b", "not-a-size"),
                                                 ("good-c", None)])]
