@@ -9,12 +9,16 @@ Each live store is a host in group `stores` (and `docker_host_<name>`, and
 with its provisioner_store record as vars; the service's settings are the
 vars of group `all`. Never a secret, and every value marked unsafe: a store's
 name is data, never a template. Runs with the provisioner's Python and
-configuration (.env or environment), so activate its venv first.
+configuration (PROVISIONER_ENV_FILE, else `.env` here, the project's `.env` or
+/etc/ebuilder-provisioner.env; the environment overrides). Started by another
+Python (an `ansible-inventory` outside the venv), it runs itself again with the
+project's `.venv`.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -40,13 +44,17 @@ def inventory() -> dict:
         from provisioner.ansible.runner import settings_vars
         from provisioner.ansible.store_vars import with_target
         from provisioner.ansible.untrusted import inventory_json_value
-        from provisioner.config import ConfigError, load_config
+        from provisioner.config import ConfigError, env_file_path, load_config
     except ImportError:
+        venv = Path(__file__).resolve().parents[1] / ".venv"
+        python = venv / "bin" / "python"
+        if python.is_file() and Path(sys.prefix).resolve() != venv.resolve():
+            os.execv(python, [str(python), __file__, *sys.argv[1:]])  # noqa: S606 (no shell)
         sys.exit("inventory/stores.py needs the provisioner's Python: source .venv/bin/activate")
     try:
         config = models.open_database(load_config())
     except ConfigError as exc:
-        sys.exit(f"inventory/stores.py: configuration error: {exc}")
+        sys.exit(f"provisioner settings ({env_file_path()} and the environment): {exc}")
     hosts = docker_host_vars(Path(__file__).with_name("hosts.yml"))
     result: dict = {"all": {"vars": inventory_json_value(settings_vars(config))},
                     "stores": {"hosts": []}, "_meta": {"hostvars": {}}}

@@ -54,5 +54,11 @@ log "installing Python dependencies"
 .venv/bin/python -c "import provisioner, ansible_runner, aiosmtpd" \
     || { echo "setup: Python dependencies did not install" >&2; exit 1; }
 
+# Once the venv is active, ansible-playbook and ansible-inventory use this project's
+# ansible.cfg (its inventory, roles, strict inventory parsing) from any directory.
+sed -i '/# ebuilder-provisioner: ansible.cfg/d' .venv/bin/activate
+echo "export ANSIBLE_CONFIG=$PWD/ansible.cfg  # ebuilder-provisioner: ansible.cfg" \
+    >> .venv/bin/activate
+
 image/build.sh "${EBUILDER_IMAGE:-ebuilder-standin:latest}"
 log "ready"

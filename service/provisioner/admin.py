@@ -419,9 +419,16 @@ def list_runs(limit: int = 100) -> list[dict]:
                                         if j.ansible_run.id in numbers
                                         and j.instance is not None):
             stores[number].add(subdomain)
+        # A sysadmin's run has no jobs: its stores are those of its log.
+        manual = [r.id for r in runs if r.started_by]
+        if manual:
+            for number, subdomain in select((e.ansible_run.id, e.instance.subdomain)
+                                            for e in LogEntry if e.ansible_run.id in manual
+                                            and e.instance is not None):
+                stores[number].add(subdomain)
     return [{"id": r.id, "playbook": r.playbook, "status": r.status, "rc": r.rc,
              "started_at": _iso(r.started_at), "finished_at": _iso(r.finished_at),
-             "stores": sorted(stores[r.id])} for r in runs]
+             "started_by": r.started_by, "stores": sorted(stores[r.id])} for r in runs]
 
 
 def _action_refusal(instance: Instance, action: str) -> str | None:
@@ -698,7 +705,9 @@ def run_detail(config: Config, run_id: int) -> dict:
                                   if (i := j.instance) and i.admin_password]
     artifact = Path(run.artifact_dir)
     stdout_file = artifact / "stdout"
-    stdout = stdout_file.read_text(errors="replace") if stdout_file.is_file() else ""
+    # A sysadmin's run kept no artifacts here (its output stayed on their terminal).
+    stdout = stdout_file.read_text(errors="replace") \
+        if not run.started_by and stdout_file.is_file() else ""
     tasks = []
     for entry in run.logs.select().order_by(LogEntry.id):
         if entry.task:
@@ -707,8 +716,9 @@ def run_detail(config: Config, run_id: int) -> dict:
                           "duration": entry.duration, "at": _iso(entry.at)})
     return {"id": run.id, "ident": run.ident, "playbook": run.playbook, "status": run.status,
             "rc": run.rc, "started_at": _iso(run.started_at), "finished_at": _iso(run.finished_at),
-            "stores": sorted({j.instance.subdomain for j in run.jobs if j.instance}),
-            "tasks": tasks, "stdout": redact(stdout, secrets)}
+            "stores": sorted({j.instance.subdomain for j in run.jobs if j.instance}
+                             | {e.instance.subdomain for e in run.logs if e.instance}),
+            "started_by": run.started_by, "tasks": tasks, "stdout": redact(stdout, secrets)}
 
 
 def public_status() -> dict:

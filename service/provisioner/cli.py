@@ -91,6 +91,11 @@ def cmd_maintenance(args: argparse.Namespace) -> int:
     from provisioner.worker import drain
 
     config = _configure()
+    if args.command == "sync" and args.check:
+        # Drift only: exit 1 when Docker or nginx differ from the DB (for monitoring).
+        report = maintenance.sync(config, progress=_progress, check=True)
+        return _finish(report, extra_failed=bool(report.counts["drifted"]
+                                                 or report.counts["unknown"]))
     report = maintenance.run(config, args.command, progress=_progress)
     if args.command == "sync" and report.counts.get("corrected"):
         _progress("converging the stores sync corrected…")
@@ -144,6 +149,27 @@ def cmd_ansible_vars(args: argparse.Namespace) -> int:
     config = _configure()
     print("---\n# Written by `provisioner ansible-vars` from the provisioner's settings.")
     print(extra_vars_yaml(settings_vars(config)), end="")
+    return 0
+
+
+def cmd_record_run(args: argparse.Namespace) -> int:
+    """A sysadmin's playbook run, as the playbooks' callback plugin reports it (JSON on
+    stdin: a run, or a list of them): kept as a run of its stores, what it did taken over."""
+    import json
+
+    from provisioner import sysadmin_runs
+
+    config = _configure()
+    try:
+        data = json.loads(sys.stdin.read())
+        runs = [sysadmin_runs.parse(item) for item in (data if isinstance(data, list)
+                                                       else [data])]
+    except (ValueError, sysadmin_runs.BadRecord) as exc:
+        print(f"provisioner record-run: {exc}", file=sys.stderr)
+        return 1
+    for run in runs:  # one per playbook of the ansible-playbook run, in order
+        for line in sysadmin_runs.record(config, run):
+            print(line)
     return 0
 
 
@@ -403,6 +429,10 @@ def main(argv: list[str] | None = None) -> int:
                        ("nginx", "re-render every vhost; one nginx -t, one reload")):
         command = sub.add_parser(name, help=text)
         command.add_argument("--timeout", type=float, default=1800)
+        if name == "sync":
+            command.add_argument("--check", action="store_true",
+                                 help="report where Docker and nginx differ from the DB, "
+                                      "change nothing (exit 1 if they do)")
         command.set_defaults(func=cmd_maintenance)
     cleanup = sub.add_parser("cleanup", help="archive+destroy due stores, orphans, old logs")
     cleanup.add_argument("--timeout", type=float, default=1800)
@@ -418,6 +448,9 @@ def main(argv: list[str] | None = None) -> int:
     settings.add_argument("--check", action="store_true",
                           help="load .env and the environment, report the first bad setting")
     settings.set_defaults(func=cmd_settings)
+    record_run = sub.add_parser("record-run", help="keep a sysadmin's playbook run (JSON on "
+                                                   "stdin; the playbooks' callback sends it)")
+    record_run.set_defaults(func=cmd_record_run)
     stats = sub.add_parser("stats", help="counts per state, revenue, failures")
     stats.add_argument("--json", action="store_true")
     stats.set_defaults(func=cmd_stats)

@@ -16,6 +16,19 @@ from provisioner.settings import REQUIRED, SETTINGS, ConfigError, settings_table
 __all__ = ["Config", "ConfigError", "load_config", "read_env_file", "settings_table"]
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
+# Where systemd's units read the service's settings (deploy/systemd/).
+SYSTEM_ENV_FILE = Path("/etc/ebuilder-provisioner.env")
+
+
+def env_file_path(environ: dict[str, str] | None = None) -> Path:
+    """The settings file: PROVISIONER_ENV_FILE, else the first of `./.env`, the
+    project's own `.env` and the units' /etc file that exists. A sysadmin's command or
+    playbook run from any directory then reads what the service reads."""
+    named = (os.environ if environ is None else environ).get("PROVISIONER_ENV_FILE")
+    if named:
+        return Path(named)
+    candidates = (Path(".env"), PROJECT_DIR / ".env", SYSTEM_ENV_FILE)
+    return next((path for path in candidates if path.is_file()), candidates[0])
 
 
 def read_env_file(path: Path) -> dict[str, str]:
@@ -172,7 +185,7 @@ class Config:
 def load_config(environ: dict[str, str] | None = None, env_file: Path | None = None) -> Config:
     """Build the Config from `.env` (if any) overlaid by the environment."""
     if env_file is None:
-        env_file = Path(os.environ.get("PROVISIONER_ENV_FILE", ".env"))
+        env_file = env_file_path()
     env = read_env_file(env_file)
     env.update(os.environ if environ is None else environ)
     values = {}

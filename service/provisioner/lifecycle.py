@@ -141,14 +141,15 @@ def schedule_deletions(now: datetime | None = None) -> list[int]:
     return [instance.id for instance in due]
 
 
-def acted(instance: Instance, action: str) -> None:
-    """An admin action went through; stop and suspend hold the store against billing."""
+def acted(instance: Instance, action: str, by: str = "an admin") -> None:
+    """An admin action went through (or a sysadmin's playbook run did it); stop and
+    suspend hold the store against billing."""
     instance.admin_hold = action in ("stop", "suspend")
     status = {"stop": StoreState.STOPPED, "suspend": SUSPENDED}.get(action, RUNNING)
     if status == SUSPENDED and instance.stopped_since is None:
         instance.stopped_since = utcnow()
-    transition(instance, status, f"{action} by an admin")
-    LogEntry(instance=instance, message=f"admin {action} done")
+    transition(instance, status, f"{action} by {by}")
+    LogEntry(instance=instance, message=f"{action} by {by} done")
 
 
 def destroyed(instance: Instance, archive: str | None) -> None:

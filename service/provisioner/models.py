@@ -11,12 +11,13 @@ import contextlib
 import dataclasses
 import logging
 import os
+import re
 import secrets
 import sqlite3
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import parse_qsl, unquote, urlparse
 
 from pony.orm import (
     Database,
@@ -208,6 +209,8 @@ class AnsibleRun(db.Entity):
     artifact_dir = Required(str)
     started_at = Required(datetime, default=utcnow)
     finished_at = Optional(datetime)
+    # A run a sysadmin started by hand: "<user> on <host>" (sysadmin_runs); None: ours.
+    started_by = Optional(str, nullable=True)
     jobs = Set("Job")
     logs = Set("LogEntry")
 
@@ -385,6 +388,7 @@ ADDED_COLUMNS = (
     ("Instance", "disk_measured_at", "DATETIME", "TIMESTAMP"),
     ("Instance", "disk_over_since", "DATETIME", "TIMESTAMP"),
     ("Instance", "uptime_public", "BOOLEAN NOT NULL DEFAULT 0", "BOOLEAN NOT NULL DEFAULT false"),
+    ("AnsibleRun", "started_by", "TEXT", "TEXT"),
 )
 
 
@@ -413,7 +417,12 @@ def _add_columns(database: Database) -> None:
 
 
 def bind(config: Config) -> Database:
-    """Bind and map the database once per process; later calls are no-ops."""
+    """Bind and map the database once per process; later calls are no-ops.
+
+    SQLite (the default) is one machine's file. PostgreSQL (`DATABASE_URL`) is shared by
+    the web service and any number of workers on other machines: the schema is made or
+    upgraded by one process at a time (an advisory lock), so processes starting together
+    never trip over each other's CREATE TABLE or ALTER TABLE."""
     if db.provider is not None:
         return db
     url = config.database_url
@@ -425,19 +434,85 @@ def bind(config: Config) -> Database:
         db.bind(provider="sqlite", filename=str(path), create_db=True,
                 timeout=config.db_busy_timeout_seconds)
         _bound_file.update(path=path, inode=path.stat().st_ino)
+        _map(db)
     elif url.startswith(("postgres://", "postgresql://")):
-        parsed = urlparse(url)
-        db.bind(provider="postgres", user=parsed.username, password=parsed.password,
-                host=parsed.hostname, port=parsed.port or 5432, database=parsed.path.lstrip("/"))
+        options = postgres_options(url)
+        db.bind(provider="postgres", **options)
+        with _schema_lock(options):
+            _map(db)
     else:
         raise ConfigError(f"DATABASE_URL must be sqlite:///path or postgresql://..., got {url!r}")
-    with db_session:
-        _add_columns(db)
-    db.generate_mapping(create_tables=True)
-    with db_session:
-        for statement in LIVE_UNIQUE_INDEXES:
-            db.execute(statement)
     return db
+
+
+def postgres_options(url: str) -> dict:
+    """psycopg2's connect() arguments from postgresql://user:password@host:port/name?k=v
+    (user and password percent-decoded; query options such as sslmode passed on)."""
+    parsed = urlparse(url)
+    options: dict = {"database": unquote(parsed.path.lstrip("/"))}
+    if parsed.username:
+        options["user"] = unquote(parsed.username)
+    if parsed.password:
+        options["password"] = unquote(parsed.password)
+    if parsed.hostname:
+        options["host"] = parsed.hostname
+    if parsed.port:
+        options["port"] = parsed.port
+    options.update(parse_qsl(parsed.query))
+    if not options["database"]:
+        raise ConfigError("DATABASE_URL names no database: postgresql://user@host/NAME")
+    return options
+
+
+def shared_database() -> bool:
+    """True when the database is PostgreSQL: the web service and several workers (maybe
+    on other machines) share it, so claims and one-off creations must be safe across
+    processes, not only across threads."""
+    return db.provider is not None and db.provider_name == "postgres"
+
+
+# pg_advisory_lock keys (one 64-bit space per database): making the schema, claiming jobs,
+# queueing a job (with a hash of what the job is in the second half of the key).
+SCHEMA_LOCK = 0x65620001
+CLAIM_LOCK = 0x65620002
+ENQUEUE_LOCK = 0x6562
+
+
+@contextlib.contextmanager
+def _schema_lock(options: dict):
+    """Hold PostgreSQL's session advisory lock SCHEMA_LOCK on a connection of its own
+    (Pony's are reset with DISCARD ALL when a db_session ends, which would drop it)."""
+    import psycopg2
+
+    connection = psycopg2.connect(**options)
+    try:
+        connection.autocommit = True
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_lock(%s)", (SCHEMA_LOCK,))
+        yield
+    finally:
+        connection.close()  # ends the session, and with it the lock
+
+
+def _map(database: Database) -> None:
+    """Add the columns an older schema lacks, map (creating missing tables), then the
+    partial unique indexes Pony cannot declare."""
+    with db_session:
+        _add_columns(database)
+    database.generate_mapping(create_tables=True)
+    with db_session:
+        for statement in _index_statements(database):
+            database.execute(statement)
+
+
+def _index_statements(database: Database) -> list[str]:
+    """LIVE_UNIQUE_INDEXES with the names as this database's Pony made them
+    (PostgreSQL's are lower case: a quoted "Instance" would name no table)."""
+    if database.provider_name != "postgres":
+        return list(LIVE_UNIQUE_INDEXES)
+    normalize = database.provider.normalize_name
+    return [re.sub(r'"([^"]+)"', lambda m: f'"{normalize(m.group(1))}"', statement)
+            for statement in LIVE_UNIQUE_INDEXES]
 
 
 # The SQLite file this process opened, to notice it being deleted or replaced.
