@@ -87,7 +87,8 @@ def live_stats(config: Config, instance: Instance) -> dict:
 
 
 def containers_on(config: Config, host: docker_hosts.DockerHost) -> dict[str, dict]:
-    """This installation's containers (by label) on one Docker host: name -> {state, labels}."""
+    """This installation's containers (by label) on one Docker host: name -> {state,
+    image, labels}."""
     output = docker(host.url, "ps", "-a", "--filter",
                     f"label=ebuilder.installation={config.installation_id}",
                     "--format", "{{json .}}", timeout=60)
@@ -96,7 +97,8 @@ def containers_on(config: Config, host: docker_hosts.DockerHost) -> dict[str, di
         row = json.loads(line)
         labels = dict(part.split("=", 1) for part in row.get("Labels", "").split(",")
                       if "=" in part)
-        found[row["Names"]] = {"state": row.get("State"), "labels": labels}
+        found[row["Names"]] = {"state": row.get("State"), "image": row.get("Image"),
+                               "labels": labels}
     return found
 
 

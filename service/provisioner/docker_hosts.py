@@ -25,6 +25,8 @@ class DockerHost:
     name: str
     url: str
     max_stores: int
+    # Reached without SSH (ansible_connection local): its files are this machine's.
+    local: bool = False
 
 
 def load_hosts(config: Config) -> list[DockerHost]:
@@ -40,6 +42,7 @@ def load_hosts(config: Config) -> list[DockerHost]:
             name=name,
             url=merged.get("ebuilder_instance_docker_host", DEFAULT_DOCKER_URL),
             max_stores=int(merged.get("provisioner_max_stores", config.max_stores_per_host)),
+            local=merged.get("ansible_connection") == "local",
         ))
     if not hosts:
         raise NoCapacity(f"{config.inventory_file} lists no host in group docker_hosts")

@@ -11,7 +11,7 @@ from datetime import timedelta
 
 from pony.orm import db_session, desc, flush, select
 
-from provisioner import alerts, docker_facts, docker_hosts, jobs, lifecycle, store_plans
+from provisioner import alerts, docker_facts, docker_hosts, drift, jobs, lifecycle, store_plans
 from provisioner.ansible import operations
 from provisioner.ansible.operations import Operation
 from provisioner.ansible.store_vars import of_instance, with_target
@@ -254,46 +254,37 @@ def _record_healthy(instance: Instance) -> None:
     HealthCheck(instance=instance, ok=True, detail="healthy", at=now)
 
 
-def sync(config: Config, progress: Progress = _quiet) -> Report:
-    """Compare Docker with the DB: queue re-provisioning of stores whose container is
-    missing or in the wrong state, or that failed earlier; report containers we do
-    not know."""
-    report = Report("sync")
+def sync(config: Config, progress: Progress = _quiet, check: bool = False) -> Report:
+    """Compare Docker and nginx with the DB (drift.find); queue a converge of each store
+    that differs (container missing, stopped or running against its state, another
+    image, vhost missing or for another state) or failed earlier; report containers and
+    vhosts of ours nobody owns. `check`: report only, change nothing."""
+    report = Report("sync --check" if check else "sync")
     started = time.perf_counter()
-    reality: dict[str, dict[str, dict]] = {}
-    for host in docker_hosts.load_hosts(config):
-        progress(f"reading containers on {host.name}…")
-        reality[host.name] = docker_facts.containers_on(config, host)
+    found = drift.find(config, progress)
+    report.counts["in step"] = len(found.stores) - len(found.drifted)
+    if check:
+        report.lines = drift.report_lines(found)
+        report.counts["drifted"] = len(found.drifted)
+        report.counts["unknown"] = len(found.unknown_containers) + len(found.extra_vhosts)
+        report.seconds = time.perf_counter() - started
+        return report
     with db_session:
-        known = {(i.docker_host, i.container_name) for i in Instance.select(lambda i: i.live)}
-        for instance in Instance.select(lambda i: i.live and (
-                i.provisioned_at is not None or i.status == StoreState.FAILED)):
+        for store in found.drifted:
+            instance = Instance[store.instance_id]
+            problem = "; ".join(store.problems)
             if instance.admin_hold or instance.desired_state not in CONVERGED:
+                report.lines.append(f"{instance.subdomain}: {problem} (held: left alone)")
                 continue
-            container = reality.get(instance.docker_host, {}).get(instance.container_name)
             should_run = instance.desired_state == StoreState.RUNNING
-            if instance.status == StoreState.FAILED:
-                # Its retries ran out; whatever failed may be fixed by now (no dead end).
-                problem = f"failed earlier ({instance.status_message or 'no reason kept'})"
-            elif container is None:
-                problem = "container missing"
-            elif (container["state"] == "running") != should_run:
-                problem = f"container {container['state']}, should be {instance.desired_state}"
-            else:
-                report.counts["in step"] = report.counts.get("in step", 0) + 1
-                continue
             transition(instance, StoreState.PROVISIONING if should_run
                        else StoreState.OUT_OF_STEP, f"sync: {problem}")
             LogEntry(instance=instance, level="warning", message=f"sync: {problem}; converging")
             jobs.enqueue(JobKind.CONVERGE, instance=instance)
             report.lines.append(f"{instance.subdomain}: {problem} -> converge queued")
             report.counts["corrected"] = report.counts.get("corrected", 0) + 1
-    for host, containers in reality.items():
-        for name, info in containers.items():
-            if (host, name) not in known:
-                report.lines.append(f"{name} on {host}: ours by label, unknown to the DB "
-                                    f"({info['state']})")
-                report.counts["unknown"] = report.counts.get("unknown", 0) + 1
+    report.lines += drift.report_lines(found, stores=False)
+    report.counts["unknown"] = len(found.unknown_containers) + len(found.extra_vhosts)
     report.seconds = time.perf_counter() - started
     return report
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from pony.orm import db_session, select
 
 from provisioner import alerts
-from provisioner.models import AnsibleRun, HealthCheck, Instance
+from provisioner.models import AnsibleRun, HealthCheck, Instance, Job
 from provisioner.testing import stripe_events
 from tests.integration.conftest import (
     docker,
@@ -83,22 +83,53 @@ def test_health_restarts_an_unhealthy_store_once_then_alerts(service):
     assert service.smtp.messages[-1].count(b"ops@example.com") >= 1
 
 
-def test_sync_brings_back_a_removed_container_and_reports_strangers(service):
-    provision(service, "gone-shop")
+def test_sync_check_reports_drift_then_sync_converges_it(service):
+    provision(service, "gone-shop", "drift-shop")
     docker("rm", "-f", "ebuilder_gone-shop")
+    docker("stop", "ebuilder_drift-shop")
+    vhost = service.nginx.sites / "drift-shop.stores.test.conf"
+    vhost.unlink()
+    ghost = service.nginx.sites / "ghost-shop.stores.test.conf"
+    ghost.write_text(f"# ebuilder-installation: {service.config.installation_id}\n"
+                     f"# eBuilder store ghost-shop.stores.test (present)\n")
     docker("run", "-d", "--name", "ebuilder_stranger", "--label", "ebuilder.managed=true",
            "--label", f"ebuilder.installation={service.config.installation_id}",
            "-e", "SECRET_KEY=x", "-e", "ALLOWED_HOSTS=x", "-e", "ADMIN_EMAIL=a@b.c",
            "-e", "ADMIN_PASSWORD=p", "ebuilder-standin:latest")
+    with db_session:
+        jobs_before = Job.select().count()
+
+    check = service.cli("sync", "--check")
+    print(f"\n{check.stdout}")
+    assert check.returncode == 1, check.stdout + check.stderr
+    assert "gone-shop on localhost: container missing" in check.stdout
+    assert "drift-shop on localhost: container exited, should be running; vhost missing" \
+        in check.stdout
+    assert "ebuilder_stranger on localhost: ours by label, unknown to the DB (running)" \
+        in check.stdout
+    assert f"{ghost} on localhost: vhost of this installation, no live store" in check.stdout
+    assert "2 drifted" in check.stdout
+    # Nothing was changed or queued.
+    with db_session:
+        assert Job.select().count() == jobs_before
+        assert Instance.get(subdomain="gone-shop", live=True).status == "running"
+    assert not vhost.exists() and not inspect("ebuilder_drift-shop")["State"]["Running"]
+
     result = service.cli("sync")
-    print(f"\n{result.stdout}")
+    print(result.stdout)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "gone-shop: container missing -> converge queued" in result.stdout
     assert "ebuilder_stranger on localhost: ours by label, unknown to the DB (running)" \
         in result.stdout
-    poll(lambda: inspect("ebuilder_gone-shop")["State"]["Running"], timeout=60,
-         what="the store's container back")
-    assert https_request(service.nginx, "gone-shop.stores.test", "/health/")[0] == 200
+    for name in ("gone-shop", "drift-shop"):
+        poll(lambda n=name: inspect(f"ebuilder_{n}")["State"]["Running"], timeout=60,
+             what=f"{name}'s container back")
+        assert https_request(service.nginx, f"{name}.stores.test", "/health/")[0] == 200
+    assert vhost.exists()
+    ghost.unlink()
+    again = service.cli("sync", "--check")
+    assert "2 in step, 0 drifted, 1 unknown" in again.stdout, again.stdout
+    assert "gone-shop on" not in again.stdout and "ghost-shop" not in again.stdout
 
     # cleanup removes a stranger only once it is stopped.
     assert "removed" not in service.cli("cleanup").stdout
@@ -151,20 +182,14 @@ def test_stats_table_and_json(service):
     assert re.search(r"stores running\s+\d+", table) and "MRR" in table
 
 
-def sysadmin(service, *args):
-    """ansible-playbook / ansible-inventory as a sysadmin runs them, with the DB inventory."""
-    bin_dir = Path(sys.executable).parent
-    settings = PROJECT / "test-artifacts" / "group_vars.yml"
-    settings.parent.mkdir(exist_ok=True)
-    written = service.cli("ansible-vars")
-    assert written.returncode == 0, written.stderr
-    settings.write_text(written.stdout)
-    command = [str(bin_dir / args[0]), "-i", "inventory", *args[1:]]
-    if args[0] == "ansible-playbook":
-        command += ["-e", f"@{settings}"]
-    return subprocess.run(command, cwd=PROJECT, capture_output=True, text=True, timeout=600,
-                          env={**service.env, "PATH": f"{bin_dir}:{service.env['PATH']}",
-                               "ANSIBLE_NOCOLOR": "1"})
+def sysadmin(service, command: str, cwd: Path, **env) -> subprocess.CompletedProcess:
+    """A README command as a sysadmin types it: the venv activated, in `cwd`, with the
+    service's settings in the environment."""
+    activate = Path(sys.prefix) / "bin" / "activate"
+    return subprocess.run(["bash", "-c", f"source {activate} && {command}"], cwd=cwd,
+                          capture_output=True, text=True, timeout=600,
+                          env={**service.env, "ANSIBLE_NOCOLOR": "1", "USER": "sysadmin-sam",
+                               **env})
 
 
 def recap(output: str, host: str) -> dict:
@@ -172,9 +197,11 @@ def recap(output: str, host: str) -> dict:
     return {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", line)}
 
 
-def test_sysadmin_sees_stores_in_the_inventory_and_runs_the_same_playbooks(service):
+def test_sysadmin_runs_from_any_directory_are_recorded_and_not_undone(service, tmp_path):
+    """The README's sysadmin commands, typed in another directory: the DB inventory with
+    the service's settings, and runs the service keeps and respects."""
     provision(service, "admin-run", "other-run")
-    listing = sysadmin(service, "ansible-inventory", "--list")
+    listing = sysadmin(service, "ansible-inventory --list", tmp_path)
     assert listing.returncode == 0, listing.stderr
     inventory = json.loads(listing.stdout)
     assert {"admin-run", "other-run"} <= set(inventory["stores"]["hosts"])
@@ -183,27 +210,58 @@ def test_sysadmin_sees_stores_in_the_inventory_and_runs_the_same_playbooks(servi
     assert (store["name"], store["state"], store["port"]) == \
         ({"__ansible_unsafe": "admin-run"}, {"__ansible_unsafe": "running"},
          store_port("admin-run"))
+    # The service's settings come with the stores (no hand-made group_vars file).
+    assert inventory["_meta"]["hostvars"]["admin-run"]["nginx_site_base_domain"] == \
+        {"__ansible_unsafe": "stores.test"}
     assert "password" not in listing.stdout.lower()
+    broken = sysadmin(service, "ansible-inventory --list", tmp_path, STRIPE_WEBHOOK_SECRET="")
+    assert broken.returncode != 0
+    assert "STRIPE_WEBHOOK_SECRET is required but not set" in broken.stderr
 
-    again = sysadmin(service, "ansible-playbook", "playbooks/provision.yml", "--limit",
-                     "admin-run")
-    assert again.returncode == 0, again.stdout[-2000:]
-    assert recap(again.stdout, "admin-run")["changed"] == 0
-    assert "other-run" not in again.stdout
-
-    stopped = sysadmin(service, "ansible-playbook", "playbooks/stop.yml", "--limit", "admin-run")
-    assert stopped.returncode == 0, stopped.stdout[-2000:]
+    stopped = sysadmin(service, f"ansible-playbook {PROJECT}/playbooks/stop.yml "
+                                f"--limit admin-run", tmp_path)
+    assert stopped.returncode == 0, stopped.stdout[-3000:] + stopped.stderr[-2000:]
+    assert "provisioner: admin-run: stopped, held against billing" in stopped.stdout
     assert not inspect("ebuilder_admin-run")["State"]["Running"]
     assert inspect("ebuilder_other-run")["State"]["Running"]
-    started = sysadmin(service, "ansible-playbook", "playbooks/start.yml", "--limit", "admin-run")
-    assert started.returncode == 0, started.stdout[-2000:]
+    # The service's own sweeps leave the sysadmin's stop alone.
+    assert service.cli("health").returncode == 0
+    assert service.cli("sync").returncode == 0
+    assert not inspect("ebuilder_admin-run")["State"]["Running"]
+    with db_session:
+        instance = Instance.get(subdomain="admin-run", live=True)
+        assert (instance.status, instance.admin_hold) == ("stopped", True)
+        run = AnsibleRun.get(playbook="stop.yml")
+        assert run.started_by.startswith("sysadmin-sam on ")
+    status, page = service.api("GET", f"/admin/instances/{instance.id}/")
+    assert status == 200 and "stop.yml run by sysadmin-sam on " in page
+
+    restarted = sysadmin(service, "ansible-playbook -i inventory playbooks/restart.yml "
+                                  "--limit admin-run", PROJECT)
+    assert restarted.returncode == 0, restarted.stdout[-3000:]
+    assert "provisioner: admin-run: running" in restarted.stdout
     assert inspect("ebuilder_admin-run")["State"]["Running"]
-    synced = sysadmin(service, "ansible-playbook", "playbooks/sync.yml")
+    with db_session:
+        assert not Instance.get(subdomain="admin-run", live=True).admin_hold
+    synced = sysadmin(service, "ansible-playbook -i inventory playbooks/sync.yml", PROJECT)
     assert synced.returncode == 0, synced.stdout[-2000:]
     assert recap(synced.stdout, "admin-run")["changed"] == 0
-    health = sysadmin(service, "ansible-playbook", "playbooks/health.yml")
+    health = sysadmin(service, "ansible-playbook -i inventory playbooks/health.yml "
+                               "--limit state_running", PROJECT)
     assert health.returncode == 0, health.stdout[-2000:]
     assert re.search(r'"msg": "(\d+) of \1 stores healthy"', health.stdout), health.stdout[-2000:]
+    vhosts = sysadmin(service, "ansible-playbook -i inventory playbooks/nginx.yml", PROJECT)
+    assert vhosts.returncode == 0, vhosts.stdout[-2000:]
+
+    archive = tmp_path / "other-run-final.tar.gz"
+    destroyed = sysadmin(service, f"ansible-playbook -i inventory playbooks/destroy.yml "
+                                  f"--limit other-run -e store_archive={archive}", PROJECT)
+    assert destroyed.returncode == 0, destroyed.stdout[-3000:]
+    assert archive.is_file()
+    assert docker("ps", "-aq", "--filter", "name=^ebuilder_other-run$").strip() == ""
+    with db_session:
+        gone = Instance.select(lambda i: i.subdomain == "other-run").first()
+        assert (gone.live, gone.status, gone.archive_path) == (False, "destroyed", str(archive))
 
 
 def test_upgrade_rolls_out_in_batches_and_rolls_back_an_unhealthy_image(service, tmp_path):
