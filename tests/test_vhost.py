@@ -24,6 +24,7 @@ def render(state="present", template="vhost.conf.j2", **overrides) -> str:
         "nginx_site_ssl_certificate_key": "/certs/wildcard.key",
         "nginx_site_client_max_body_size": "100m",
         "nginx_site_upstream_port": 9001,
+        "nginx_site_upstream_address": "127.0.0.1",
         "nginx_site_proxy_read_timeout": "120s",
         "nginx_site_installation_id": "eb-test",
         "nginx_site_base_domain": "stores.test",
@@ -46,6 +47,11 @@ def test_running_store_is_proxied_over_tls_with_a_redirect_from_http():
     assert "client_max_body_size 100m;" in text
     assert "return 503" not in text
     assert "# ebuilder-installation: eb-test" in text
+
+
+def test_a_store_on_another_docker_host_is_proxied_to_its_private_address():
+    assert "proxy_pass http://10.213.2.2:9001;" in render(
+        nginx_site_upstream_address="10.213.2.2")
 
 
 def test_catchall_answers_every_other_name_under_the_domain_with_404():

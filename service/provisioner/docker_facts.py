@@ -45,7 +45,8 @@ def is_ours(config: Config, instance: Instance, labels: dict) -> bool:
 
 
 def live_health(config: Config, instance: Instance) -> dict:
-    """Container state from Docker plus an HTTP /health/ on the store's own port."""
+    """Container state from Docker plus an HTTP /health/ on the store's own port, on its
+    own Docker host's address."""
     try:
         found = json.loads(_of_store(
             config, instance, "inspect", "--format",
@@ -62,8 +63,9 @@ def live_health(config: Config, instance: Instance) -> dict:
         container = {"exists": False, "running": False, "status": "missing"}
     http = {"ok": False, "status": None}
     try:
-        with urllib.request.urlopen(  # noqa: S310 (fixed http URL on loopback)
-                f"http://127.0.0.1:{instance.port}/health/", timeout=5) as response:
+        address = docker_hosts.host_of(config, instance.docker_host).address
+        with urllib.request.urlopen(  # noqa: S310 (http URL of a private address)
+                f"http://{address}:{instance.port}/health/", timeout=5) as response:
             http = {"ok": response.status == 200, "status": response.status}
     except urllib.error.HTTPError as exc:
         http = {"ok": False, "status": exc.code}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import socket
 from collections.abc import Iterable
@@ -20,6 +21,10 @@ class NoCapacity(Exception):
     """Every Docker host holds its maximum of stores."""
 
 
+class BadInventory(NoCapacity):
+    """The inventory's Docker hosts cannot be used as written (no store can be placed)."""
+
+
 @dataclass(frozen=True)
 class DockerHost:
     name: str
@@ -27,6 +32,8 @@ class DockerHost:
     max_stores: int
     # Reached without SSH (ansible_connection local): its files are this machine's.
     local: bool = False
+    # Where its stores' ports are published (and answer their health checks).
+    address: str = "127.0.0.1"
 
 
 def load_hosts(config: Config) -> list[DockerHost]:
@@ -43,17 +50,40 @@ def load_hosts(config: Config) -> list[DockerHost]:
             url=merged.get("ebuilder_instance_docker_host", DEFAULT_DOCKER_URL),
             max_stores=int(merged.get("provisioner_max_stores", config.max_stores_per_host)),
             local=merged.get("ansible_connection") == "local",
+            address=private_address(name, merged.get("provisioner_private_address")),
         ))
     if not hosts:
         raise NoCapacity(f"{config.inventory_file} lists no host in group docker_hosts")
     return hosts
 
 
-def host_url(config: Config, name: str) -> str:
+def private_address(host: str, value: object) -> str:
+    """A host's provisioner_private_address: loopback or private, never every address
+    nor a public one (a store's port must not be reachable from the internet)."""
+    if value is None:
+        return "127.0.0.1"
+    try:
+        address = ipaddress.ip_address(str(value))
+    except ValueError:
+        raise BadInventory(f"{host}: provisioner_private_address {value!r} is not an IP "
+                         f"address") from None
+    if address.is_unspecified or not (address.is_loopback or address.is_private):
+        raise BadInventory(f"{host}: provisioner_private_address {value} must be loopback or "
+                         f"private: stores are published on it")
+    return str(address)
+
+
+def host_of(config: Config, name: str) -> DockerHost:
+    """A store's Docker host by inventory name (the default engine on loopback if the
+    inventory no longer lists it)."""
     for host in load_hosts(config):
         if host.name == name:
-            return host.url
-    return DEFAULT_DOCKER_URL
+            return host
+    return DockerHost(name=name, url=DEFAULT_DOCKER_URL, max_stores=0)
+
+
+def host_url(config: Config, name: str) -> str:
+    return host_of(config, name).url
 
 
 def free_port(config: Config, avoid: Iterable[int] = ()) -> int:

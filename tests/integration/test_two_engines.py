@@ -1,5 +1,6 @@
 """Two real Docker engines on this machine: stores spread over both, and every
-playbook acts on the engine its store lives on."""
+playbook acts on the engine its store lives on; the second one's stores are published
+on its own address (127.0.0.2), which nginx proxies to."""
 
 from __future__ import annotations
 
@@ -89,6 +90,9 @@ def two_host_config(service, engine_b, tmp_path):
         "      ebuilder_instance_docker_host: unix:///var/run/docker.sock\n"
         "    engine-b:\n"
         f"      ebuilder_instance_docker_host: {engine_b}\n"
+        # Its stores publish on another address than loopback's first, as a host's
+        # private address would be: nginx proxies there, the live health asks there.
+        "      provisioner_private_address: 127.0.0.2\n"
         "stores:\n"
         "  hosts: {}\n")
     # This test drives its own worker with the two-host inventory.
@@ -135,7 +139,13 @@ def test_stores_spread_over_both_engines_and_actions_hit_the_right_one(service,
     target = next(n for n, h in placed.items() if h == "engine-b")
     bindings = json.loads(docker_b("inspect", "--format", "{{json .HostConfig.PortBindings}}",
                                    f"ebuilder_{target}"))
-    assert bindings["8000/tcp"][0]["HostIp"] == "127.0.0.1"
+    assert bindings["8000/tcp"][0]["HostIp"] == "127.0.0.2"
+    vhost = (service.nginx.sites / f"{target}.stores.test.conf").read_text()
+    with db_session:
+        port = Instance.get(subdomain=target, live=True).port
+        assert docker_facts.live_health(two_host_config, Instance.get(
+            subdomain=target, live=True))["healthy"]
+    assert f"proxy_pass http://127.0.0.2:{port};" in vhost
 
     with db_session:
         target_id = Instance.get(subdomain=target, live=True).id

@@ -90,8 +90,8 @@ def _secret(path: str) -> str | None:
         return None
 
 
-def _health(port: int, path: str, timeout: int) -> int:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+def _health(address: str, port: int, path: str, timeout: int) -> int:
+    connection = http.client.HTTPConnection(address, port, timeout=timeout)
     try:
         connection.request("GET", path, headers={"Connection": "close"})
         response = connection.getresponse()
@@ -166,7 +166,8 @@ def difference(store: dict, docker_host: str, timeout: int, images: dict,
     if manage_limits and limits_differ(host, store, int(engine.get("NCPU") or 1),
                                        bool(engine.get("SwapLimit", True))):
         return "limits differ"
-    if (host.get("PortBindings") or {}) != {"8000/tcp": [{"HostIp": "127.0.0.1",
+    address = store.get("address") or "127.0.0.1"
+    if (host.get("PortBindings") or {}) != {"8000/tcp": [{"HostIp": address,
                                                          "HostPort": str(store["port"])}]}:
         return "published port differs"
     # Read-write binds, as community.docker writes them ("src:dst:rw") or not.
@@ -175,7 +176,7 @@ def difference(store: dict, docker_host: str, timeout: int, images: dict,
         return "volumes differ"
     if store["network"] not in ((info.get("NetworkSettings") or {}).get("Networks") or {}):
         return "not on the store network"
-    if _health(int(store["port"]), store["health_path"], timeout) != 200:
+    if _health(address, int(store["port"]), store["health_path"], timeout) != 200:
         return "health check does not answer 200"
     return ""
 
