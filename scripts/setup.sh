@@ -3,7 +3,7 @@
 # Debian packages (docker.io, nginx, busybox-static, openssl) when missing,
 # a Docker engine when none answers, a venv in .venv with the package
 # installed, and the stand-in eBuilder image. Safe to run again.
-# Usage: scripts/setup.sh [--with-browser]   (the browser and Pebble are for the tests)
+# Usage: scripts/setup.sh [--with-browser]   (the browser, Pebble and PostgreSQL are for the tests)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 log() { echo "setup: $*"; }
@@ -21,6 +21,10 @@ if ! command -v busybox >/dev/null 2>&1 || ! static_busybox; then
 fi
 if [ $with_browser = 1 ] && [ ! -x /usr/bin/chromium ]; then
     need+=(chromium)
+fi
+# A PostgreSQL server for the tests of the service on PostgreSQL (tests/postgres.py).
+if [ $with_browser = 1 ] && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+    need+=(postgresql)
 fi
 # Let's Encrypt's test ACME server, for the custom-domain tests.
 if [ $with_browser = 1 ] && ! command -v pebble >/dev/null 2>&1; then

@@ -437,6 +437,11 @@ def bind(config: Config) -> Database:
         _map(db)
     elif url.startswith(("postgres://", "postgresql://")):
         options = postgres_options(url)
+        try:
+            import psycopg2  # noqa: F401 (Pony's PostgreSQL provider needs it)
+        except ImportError:
+            raise ConfigError("DATABASE_URL names PostgreSQL but psycopg2 is not installed: "
+                              "pip install 'ebuilder-provisioner[postgres]'") from None
         db.bind(provider="postgres", **options)
         with _schema_lock(options):
             _map(db)

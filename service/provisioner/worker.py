@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from pony.orm import db_session, select
 
@@ -64,11 +64,17 @@ NEW_STORES: dict[str, bool] = {"ansible": False, "signups": True}
 # runs), at most this far apart.
 EMAIL_BACKOFF_CAP = timedelta(minutes=15)
 EMAIL_BACKOFF_FLOOR = timedelta(seconds=2)
+# How often a worker sharing its database renews the leases of the jobs it holds.
+LEASE_RENEW_SECONDS = jobs.LEASE.total_seconds() / 5
 
 
 def recover_abandoned(config: Config | None = None) -> int:
     """Requeue jobs a previous worker left running, and end the playbooks it left
-    behind (run one worker per database)."""
+    behind (run one worker per SQLite database). On PostgreSQL several workers share
+    the queue: a running job may be a live worker's, so nothing is taken from it here;
+    a dead worker's jobs are claimed again when their lease runs out (jobs.LEASE)."""
+    if models.shared_database():
+        return 0
     if config is not None:
         for line in recording.recover_abandoned_runs(config):
             log.warning("%s", line)
@@ -95,6 +101,9 @@ class Worker:
         # Lanes of one worker claim one at a time (two claiming the same job would
         # make one fail its write).
         self._claiming = threading.Lock()
+        # The running jobs this worker holds and their leases, renewed on PostgreSQL.
+        self._held: dict[int, datetime] = {}
+        self._held_lock = threading.Lock()
 
     def _cancelled(self) -> bool:
         """True once the worker was asked to stop and the grace for the run is over."""
@@ -117,6 +126,10 @@ class Worker:
                                   name=f"provisioner-worker-{name}") for name in LANES]
         for lane in lanes:
             lane.start()
+        lanes_done = threading.Event()
+        if models.shared_database():
+            threading.Thread(target=self._renew_leases, args=(lanes_done,), daemon=True,
+                             name="provisioner-worker-leases").start()
         while not stop.is_set():
             self.wake.wait(self.config.worker_poll_seconds)
             self.wake.clear()
@@ -124,7 +137,26 @@ class Worker:
         self._poke()
         for lane in lanes:
             lane.join(self.config.stop_grace_seconds + 30)
+        lanes_done.set()
         log.info("worker stopped")
+
+    def _renew_leases(self, done: threading.Event) -> None:
+        """Other workers share the queue (PostgreSQL): keep the leases of the jobs this
+        one holds from running out while it lives (a long run, a job waiting behind
+        another run of its claim); only a dead worker's jobs are taken over."""
+        while not done.wait(LEASE_RENEW_SECONDS):
+            with self._held_lock:
+                held = dict(self._held)
+            try:
+                renewed = jobs.renew_leases(held)
+            except Exception:  # the next round tries again, well within the lease
+                log.warning("could not renew the leases of jobs %s", sorted(held),
+                            exc_info=True)
+                continue
+            with self._held_lock:
+                for job_id, until in renewed.items():
+                    if job_id in self._held:
+                        self._held[job_id] = until
 
     def _poke(self) -> None:
         for event in self._lane_wakes.values():
@@ -156,13 +188,21 @@ class Worker:
             with self._claiming, db_session:
                 claimed = jobs.claim_due(kinds=kinds, new_stores=new_stores)
                 kinds_of = {job_id: Job[job_id].kind for job_id in claimed}
+                leases = {job_id: jobs.lease_of(job_id) for job_id in claimed}
             if not claimed:
                 return handled
             handled += len(claimed)
             by_kind: dict[str, list[int]] = {}
             for job_id in claimed:
                 by_kind.setdefault(kinds_of[job_id], []).append(job_id)
-            self._dispatch(by_kind)
+            with self._held_lock:
+                self._held.update(leases)
+            try:
+                self._dispatch(by_kind)
+            finally:
+                with self._held_lock:
+                    for job_id in claimed:
+                        self._held.pop(job_id, None)
         return handled
 
     def _dispatch(self, by_kind: dict[str, list[int]]) -> None:
