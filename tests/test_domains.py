@@ -410,6 +410,7 @@ def test_nginx_accepts_a_vhost_with_custom_domains(tmp_path):
         nginx_site_http_listen="127.0.0.1:8080", nginx_site_https_listen="127.0.0.1:8443",
         nginx_site_ssl_certificate=str(cert), nginx_site_ssl_certificate_key=str(key),
         nginx_site_client_max_body_size="100m", nginx_site_upstream_port=9001,
+        nginx_site_upstream_address="127.0.0.1",
         nginx_site_proxy_read_timeout="120s", nginx_site_installation_id="eb-test",
         nginx_site_acme_challenge_upstream="http://127.0.0.1:8000",
         nginx_site_store_certificate_dir=str(tmp_path),

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 
-import pytest
 from pony.orm import db_session, flush
 
-from provisioner import docker_hosts, drift, maintenance
+from provisioner import drift, maintenance
 from provisioner.ansible.store_vars import with_target
 from provisioner.models import Instance, Job
 
@@ -73,18 +72,3 @@ def test_check_reports_and_changes_nothing(config):
         assert Instance.get(subdomain="stuck-shop").status == "failed"
         assert not Job.select().exists()
 
-
-def test_a_hosts_private_address_is_loopback_or_private_never_public(config, tmp_path):
-    inventory = tmp_path / "hosts.yml"
-
-    def hosts(address: str) -> list:
-        inventory.write_text(f"docker_hosts:\n  hosts:\n    far:\n"
-                             f"      provisioner_private_address: '{address}'\n")
-        return docker_hosts.load_hosts(dataclasses.replace(config,
-                                                           inventory_path=str(inventory)))
-
-    assert hosts("10.213.2.2")[0].address == "10.213.2.2"
-    assert hosts("127.0.0.2")[0].address == "127.0.0.2"
-    for bad in ("0.0.0.0", "8.8.8.8", "::", "not-an-address"):  # noqa: S104 (refused)
-        with pytest.raises(docker_hosts.BadInventory, match="far: provisioner_private_address"):
-            hosts(bad)

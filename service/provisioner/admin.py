@@ -13,6 +13,7 @@ from pony.orm import max as pony_max
 from provisioner import (
     alerts,
     backups,
+    docker_hosts,
     domains,
     events,
     jobs,
@@ -241,6 +242,7 @@ def dashboard(config: Config) -> dict:
             "queue_total": waiting.count(),
             "alerts": alerts.open_incidents(limit=DASHBOARD_FAILING, deliveries=False),
             "alerts_total": AlertIncident.select(lambda a: a.resolved_at is None).count(),
+            "hosts": docker_hosts.capacity(config),
             "alert_deliveries_failed": alerts.deliveries_failed()}
 
 

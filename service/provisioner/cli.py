@@ -152,6 +152,32 @@ def cmd_ansible_vars(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_hosts(args: argparse.Namespace) -> int:
+    """The Docker hosts with their room; --check: can each take stores?"""
+    from pony.orm import db_session
+
+    from provisioner import docker_hosts, hosts_check
+
+    config = _configure()
+    with db_session:
+        rows = docker_hosts.capacity(config)
+    for row in rows:
+        state = " draining" if row["draining"] and row["listed"] else \
+            " (not in the inventory)" if not row["listed"] else ""
+        room = f"{row['stores']} of {row['max_stores']} stores" if row["listed"] else \
+            f"{row['stores']} stores"
+        print(f"{row['name']}{state}: {room}, room for {row['free']}"
+              + (f", stores publish on {row['address']}" if row["address"] else ""))
+    if not args.check:
+        return 0
+    results = hosts_check.check_all(config, args.host)
+    for result in results:
+        print(f"  {result.line()}")
+    failed = [r for r in results if not r.ok]
+    print(f"hosts --check: {len(results) - len(failed)} ok, {len(failed)} failed")
+    return 1 if failed else 0
+
+
 def cmd_record_run(args: argparse.Namespace) -> int:
     """A sysadmin's playbook run, as the playbooks' callback plugin reports it (JSON on
     stdin: a run, or a list of them): kept as a run of its stores, what it did taken over."""
@@ -448,6 +474,12 @@ def main(argv: list[str] | None = None) -> int:
     settings.add_argument("--check", action="store_true",
                           help="load .env and the environment, report the first bad setting")
     settings.set_defaults(func=cmd_settings)
+    hosts = sub.add_parser("hosts", help="the Docker hosts with their room; --check whether "
+                                         "each can take stores")
+    hosts.add_argument("host", nargs="?", help="check this host only")
+    hosts.add_argument("--check", action="store_true",
+                       help="reach it with Ansible, ask its Docker engine, its network and ports")
+    hosts.set_defaults(func=cmd_hosts)
     record_run = sub.add_parser("record-run", help="keep a sysadmin's playbook run (JSON on "
                                                    "stdin; the playbooks' callback sends it)")
     record_run.set_defaults(func=cmd_record_run)

@@ -34,6 +34,8 @@ class DockerHost:
     local: bool = False
     # Where its stores' ports are published (and answer their health checks).
     address: str = "127.0.0.1"
+    # provisioner_drain: no new store is placed here; its stores stay until moved.
+    draining: bool = False
 
 
 def load_hosts(config: Config) -> list[DockerHost]:
@@ -51,6 +53,7 @@ def load_hosts(config: Config) -> list[DockerHost]:
             max_stores=int(merged.get("provisioner_max_stores", config.max_stores_per_host)),
             local=merged.get("ansible_connection") == "local",
             address=private_address(name, merged.get("provisioner_private_address")),
+            draining=str(merged.get("provisioner_drain", False)).lower() in ("true", "yes", "1"),
         ))
     if not hosts:
         raise NoCapacity(f"{config.inventory_file} lists no host in group docker_hosts")
@@ -91,15 +94,16 @@ def free_port(config: Config, avoid: Iterable[int] = ()) -> int:
     that no other program listens on here: a port someone else took would fail the store."""
     used = set(select(i.port for i in Instance if i.live)) | set(avoid)
     for port in range(config.port_range_start, config.port_range_end + 1):
-        if port not in used and _bindable(port):
+        if port not in used and bindable("127.0.0.1", port):
             return port
     raise NoCapacity(f"no free port in {config.port_range_start}-{config.port_range_end}")
 
 
-def _bindable(port: int) -> bool:
+def bindable(address: str, port: int) -> bool:
+    """Nothing on this machine listens on address:port."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         try:
-            probe.bind(("127.0.0.1", port))
+            probe.bind((address, port))
         except OSError:
             return False
     return True
@@ -122,9 +126,27 @@ def move_if_port_taken(config: Config, instance: Instance, error: str) -> int | 
 
 
 def place(config: Config) -> str:
-    """The host with the most free room for a new store (needs a db_session)."""
+    """The host with the most free room for a new store, never a draining one (needs a
+    db_session)."""
     used = dict(select((i.docker_host, count(i)) for i in Instance if i.live))
-    best = max(load_hosts(config), key=lambda h: h.max_stores - used.get(h.name, 0))
-    if best.max_stores - used.get(best.name, 0) <= 0:
-        raise NoCapacity("every Docker host is full (raise provisioner_max_stores or add a host)")
+    open_hosts = [h for h in load_hosts(config) if not h.draining]
+    best = max(open_hosts, key=lambda h: h.max_stores - used.get(h.name, 0), default=None)
+    if best is None or best.max_stores - used.get(best.name, 0) <= 0:
+        raise NoCapacity("every Docker host is full or draining (raise provisioner_max_stores "
+                         "or add a host)")
     return best.name
+
+
+def capacity(config: Config) -> list[dict]:
+    """Each Docker host's room, for the dashboard and `provisioner hosts` (needs a
+    db_session; one query). Stores on a host the inventory no longer lists are shown
+    under that name, with no room."""
+    used = dict(select((i.docker_host, count(i)) for i in Instance if i.live))
+    rows = [{"name": h.name, "address": h.address, "stores": used.pop(h.name, 0),
+             "max_stores": h.max_stores, "draining": h.draining, "listed": True}
+            for h in load_hosts(config)]
+    rows += [{"name": name, "address": None, "stores": n, "max_stores": 0, "draining": True,
+              "listed": False} for name, n in sorted(used.items())]
+    for row in rows:
+        row["free"] = max(row["max_stores"] - row["stores"], 0) if not row["draining"] else 0
+    return rows
