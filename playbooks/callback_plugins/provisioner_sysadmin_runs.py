@@ -85,7 +85,7 @@ class CallbackModule(CallbackBase):
         self.task_started = time.monotonic()
 
     def _seen(self, result, outcome: str, error: str = "") -> None:
-        if self.current is None:
+        if self.current is None or not self.active:
             return
         host = result._host.get_name()
         entry = self.current["hosts"].setdefault(host, {"ok": True, "error": "", "result": {}})

@@ -253,6 +253,21 @@ def test_sysadmin_runs_from_any_directory_are_recorded_and_not_undone(service, t
     vhosts = sysadmin(service, "ansible-playbook -i inventory playbooks/nginx.yml", PROJECT)
     assert vhosts.returncode == 0, vhosts.stdout[-2000:]
 
+    # "Running the playbooks with explicit stores": the settings and a batch by hand.
+    settings = sysadmin(service, "provisioner ansible-vars", tmp_path)
+    assert settings.returncode == 0, settings.stderr
+    (tmp_path / "settings.yml").write_text(settings.stdout)
+    with db_session:
+        shop = Instance.get(subdomain="admin-run", live=True)
+        (tmp_path / "batch.yml").write_text(json.dumps({"stores": {"hosts": {"admin-run": {
+            "provisioner_store": {"name": "admin-run", "instance_id": str(shop.id),
+                                  "site_name": shop.site_name, "admin_email": shop.admin_email,
+                                  "port": shop.port, "docker_host": "localhost"}}}}}))
+    batch = sysadmin(service, f"ansible-playbook -i inventory/hosts.yml -i {tmp_path}/batch.yml "
+                              f"playbooks/provision.yml -e @{tmp_path}/settings.yml", PROJECT)
+    assert batch.returncode == 0, batch.stdout[-3000:]
+    assert recap(batch.stdout, "admin-run")["changed"] == 0
+
     archive = tmp_path / "other-run-final.tar.gz"
     destroyed = sysadmin(service, f"ansible-playbook -i inventory playbooks/destroy.yml "
                                   f"--limit other-run -e store_archive={archive}", PROJECT)
