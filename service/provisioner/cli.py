@@ -211,6 +211,24 @@ def cmd_settings(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check_config(args: argparse.Namespace) -> int:
+    """The settings file as the systemd units read it: its syntax, every setting, its
+    mode and the files it names, with no database opened and no secret shown."""
+    from pathlib import Path
+
+    from provisioner import env_file
+    from provisioner.config import env_file_path
+
+    path = Path(args.env_file) if args.env_file else env_file_path()
+    problems = env_file.check(path)
+    for line in problems:
+        print(line, file=sys.stderr)
+    if problems:
+        return 1
+    print(f"{path}: ok")
+    return 0
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
     """Counts for the terminal, or JSON for scripts."""
     import json
@@ -474,6 +492,13 @@ def main(argv: list[str] | None = None) -> int:
     settings.add_argument("--check", action="store_true",
                           help="load .env and the environment, report the first bad setting")
     settings.set_defaults(func=cmd_settings)
+    check_config = sub.add_parser("check-config", help="check the settings file as the "
+                                                       "systemd units read it")
+    check_config.add_argument("--env-file", metavar="PATH",
+                              help="the file (default: what a command run here reads: "
+                                   "PROVISIONER_ENV_FILE, ./.env, the project's .env, "
+                                   "/etc/ebuilder-provisioner.env)")
+    check_config.set_defaults(func=cmd_check_config)
     hosts = sub.add_parser("hosts", help="the Docker hosts with their room; --check whether "
                                          "each can take stores")
     hosts.add_argument("host", nargs="?", help="check this host only")
