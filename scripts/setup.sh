@@ -19,6 +19,14 @@ static_busybox() { { ldd "$(command -v busybox)" 2>&1 || true; } | grep -q "not 
 if ! command -v busybox >/dev/null 2>&1 || ! static_busybox; then
     need+=(busybox-static)
 fi
+# sshd for the hosts of the multi-host tests: scripts/netns-hosts.sh starts one in each
+# network namespace. The service stays off (Debian's switch, which ssh.service,
+# ssh.socket and /etc/init.d/ssh obey): no sshd listens on this machine itself.
+if [ ! -x /usr/sbin/sshd ]; then
+    mkdir -p /etc/ssh
+    touch /etc/ssh/sshd_not_to_be_run
+    need+=(openssh-server)
+fi
 if [ $with_browser = 1 ] && [ ! -x /usr/bin/chromium ]; then
     need+=(chromium)
 fi

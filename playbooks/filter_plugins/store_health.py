@@ -18,12 +18,13 @@ def _by_item(results: dict | None) -> dict:
     return {r.get("item"): r for r in (results or {}).get("results", [])}
 
 
-def health_targets(hostvars, stores: list[str]) -> dict:
-    """The stores to check, by Docker host: {host: {store name: its fqdn}}."""
+def health_targets(hostvars, stores: list[str], by: str = "store_docker_host") -> dict:
+    """The stores to check, by Docker host (their containers) or by nginx host
+    (`by="nginx_site_host"`: their pages): {host: {store name: its fqdn}}."""
     targets: dict[str, dict[str, str]] = {}
     for name in stores:
         store = hostvars[name]
-        targets.setdefault(str(store["store_docker_host"]), {})[name] = str(store["store_fqdn"])
+        targets.setdefault(str(store[by]), {})[name] = str(store["store_fqdn"])
     return targets
 
 
@@ -31,7 +32,8 @@ def health_verdicts(hostvars, stores: list[str], listings: dict, pages: dict) ->
     """Each store's verdict, by name: '' when healthy, else why not.
 
     `listings` and `pages` are the registered results of the run_once loops over the
-    Docker hosts (docker_host_info, store_health_pages), one item per host."""
+    Docker hosts (docker_host_info) and the nginx hosts (store_health_pages), one item
+    per host."""
     listing_of, pages_of = _by_item(listings), _by_item(pages)
     containers: dict[str, dict[str, dict]] = {}
     verdicts = {}
@@ -48,7 +50,8 @@ def health_verdicts(hostvars, stores: list[str], listings: dict, pages: dict) ->
                                   for n in c.get("Names") or []}
         # The role's container name (ebuilder_instance vars/main.yml).
         container = containers[engine].get(f"ebuilder_{store['ebuilder_instance_subdomain']}")
-        page = ((pages_of.get(engine) or {}).get("pages") or {}).get(name) or {"status": -1}
+        edge = str(store.get("nginx_site_host") or engine)
+        page = ((pages_of.get(edge) or {}).get("pages") or {}).get(name) or {"status": -1}
         labels = (container or {}).get("Labels") or {}
         if container is None:
             state = "missing"

@@ -18,6 +18,7 @@ from provisioner import (
     events,
     jobs,
     lifecycle,
+    moves,
     plans,
     revenue,
     store_plans,
@@ -295,6 +296,7 @@ def instance_detail(config: Config, instance_id: int) -> dict:
             "domains": domains.detail(config, instance),
             "uptime": uptime.detail(instance, interval_minutes=config.health_interval_minutes),
             "retryable": instance.status in RETRY_STATES,
+            "host": host_detail(config, instance),
             "jobs": [job_summary(j) for j in recent_jobs],
             "health_history": [{"at": _iso(h.at), "ok": h.ok, "detail": h.detail,
                                 "action": h.action} for h in checks],
@@ -303,6 +305,20 @@ def instance_detail(config: Config, instance_id: int) -> dict:
 
 
 BILLING_EVENTS_SHOWN = 30
+
+
+def host_detail(config: Config, instance: Instance) -> dict:
+    """Where the store runs, and the hosts it could move to now (one query)."""
+    try:
+        rooms = docker_hosts.capacity(config)
+    except docker_hosts.NoCapacity as exc:
+        return {"address": None, "move_targets": [], "error": str(exc)}
+    own = next((r for r in rooms if r["name"] == instance.docker_host), None)
+    movable = instance.live and instance.provisioned_at is not None and \
+        instance.status in moves.MOVABLE
+    return {"address": own["address"] if own else None, "error": None,
+            "move_targets": [r["name"] for r in rooms if movable and r["listed"]
+                             and r["free"] > 0 and r["name"] != instance.docker_host]}
 
 
 def plan_detail(config: Config, instance: Instance) -> dict:
@@ -408,6 +424,22 @@ def clone_store(config: Config, instance_id: int, new_subdomain: str,
     audit(by, "clone", _instance_target(clone), f"clone of {instance.subdomain}")
     return {"instance_id": instance.id, "clone_id": clone.id, "subdomain": clone.subdomain,
             "job_id": job.id}
+
+
+def move_store(config: Config, instance_id: int, docker_host: str, by: Actor) -> dict:
+    """Queue moving a store to another Docker host, audited; Conflict when it cannot go
+    there (its state, the host unknown, draining or full)."""
+    instance = get_instance(instance_id)
+    target = _instance_target(instance)
+    try:
+        job = moves.request_move(config, instance, docker_host)
+    except moves.Refused as exc:
+        raise _refused(by, "move", target, str(exc)) from None
+    flush()
+    audit(by, "move", target, f"{instance.subdomain}: move from {instance.docker_host} to "
+                              f"{docker_host} queued")
+    return {"instance_id": instance.id, "job_id": job.id, "from": instance.docker_host,
+            "to": docker_host}
 
 
 def list_runs(limit: int = 100) -> list[dict]:

@@ -39,7 +39,8 @@ class BackupFailed(Exception):
 
 def archive_path(config: Config, instance: Instance, at: datetime) -> str:
     """One dir per store on its Docker host, one archive per moment."""
-    return (f"{config.backup_root}/{instance.subdomain}-{instance.id}/"
+    root = docker_hosts.backup_root(config, docker_hosts.host_of(config, instance.docker_host))
+    return (f"{root}/{instance.subdomain}-{instance.id}/"
             f"{instance.subdomain}-{at:%Y%m%dT%H%M%S}.{at.microsecond:06d}Z.tar.gz")
 
 

@@ -367,7 +367,7 @@ def _wait_for_event(config: Config, event_id: int, timeout: float) -> int:
 
 
 def _store_care(args: argparse.Namespace, what: str, request) -> int:
-    """Queue a backup, restore or clone of a store (audited as the CLI user), then
+    """Queue a backup, restore, clone or move of a store (audited as the CLI user), then
     with --wait do it here and say how it went."""
     from pony.orm import db_session
 
@@ -453,6 +453,14 @@ def cmd_clone(args: argparse.Namespace) -> int:
         config, store_id, args.new_subdomain, args.backup, _cli_actor()))
 
 
+def cmd_move(args: argparse.Namespace) -> int:
+    """Move a store to another Docker host."""
+    from provisioner import admin
+
+    return _store_care(args, "move", lambda config, store_id: admin.move_store(
+        config, store_id, args.docker_host, _cli_actor()))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="provisioner", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -528,8 +536,12 @@ def main(argv: list[str] | None = None) -> int:
     clone.add_argument("store", help="the store's subdomain or id")
     clone.add_argument("new_subdomain", help="the clone's subdomain")
     clone.add_argument("--backup", help="clone this backup (default: one taken now)")
+    move = sub.add_parser("move", help="move a store to another Docker host (down only "
+                                       "while its data is copied)")
+    move.add_argument("store", help="the store's subdomain or id")
+    move.add_argument("docker_host", help="the Docker host (inventory name) to move it to")
     for command, func in ((retry, cmd_retry), (replay, cmd_replay), (backup, cmd_backup),
-                          (restore, cmd_restore), (clone, cmd_clone)):
+                          (restore, cmd_restore), (clone, cmd_clone), (move, cmd_move)):
         command.add_argument("--wait", action="store_true",
                              help="do the queued work in this process and report the outcome")
         command.add_argument("--timeout", type=float, default=1800)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from pony.orm import db_session
 
-from provisioner import domains, jobs, lifecycle, store_plans
+from provisioner import docker_hosts, domains, jobs, lifecycle, store_plans
 from provisioner.ansible.operations import Operation
 from provisioner.ansible.store_vars import VHOST_OF_STATE, StoreVars, of_instance
 from provisioner.config import Config
@@ -145,7 +145,8 @@ def plan_destroy(config: Config, job_ids: list[int]) -> list[Batch]:
                 jobs.complete(job)
             else:
                 domains.store_ended(config, instance)
-                archives[instance.id] = \
-                    f"{config.backup_root}/{instance.subdomain}-{instance.id}-{stamp}.tar.gz"
+                root = docker_hosts.backup_root(
+                    config, docker_hosts.host_of(config, instance.docker_host))
+                archives[instance.id] = f"{root}/{instance.subdomain}-{instance.id}-{stamp}.tar.gz"
                 batch.add(job, of_instance(config, instance).with_(archive=archives[instance.id]))
     return [batch] if batch.jobs else []

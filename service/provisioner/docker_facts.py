@@ -4,6 +4,7 @@ service itself talks to Docker (playbooks do everything that changes it)."""
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import urllib.error
 import urllib.request
@@ -17,11 +18,15 @@ class DockerUnavailable(RuntimeError):
     """The engine did not answer, or the container does not exist."""
 
 
-def docker(url: str, *args: str, timeout: float = 30) -> str:
-    """`docker -H url ...`, its output; DockerUnavailable with docker's own message."""
+def docker(host: docker_hosts.DockerHost, *args: str, timeout: float = 30) -> str:
+    """`docker -H <its engine> ...` on the host (over ssh unless it is this machine: its
+    engine's URL is local to it), its output; DockerUnavailable with docker's own
+    message."""
+    command = ["docker", "-H", host.url, *args]
+    if host.ssh:
+        command = [*host.ssh, shlex.join(command)]
     try:
-        result = subprocess.run(["docker", "-H", url, *args], capture_output=True, text=True,
-                                timeout=timeout)
+        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         raise DockerUnavailable(f"docker {args[0]} timed out after {timeout:.0f} s") from None
     if result.returncode != 0:
@@ -30,7 +35,7 @@ def docker(url: str, *args: str, timeout: float = 30) -> str:
 
 
 def _of_store(config: Config, instance: Instance, *args: str) -> str:
-    return docker(docker_hosts.host_url(config, instance.docker_host), *args)
+    return docker(docker_hosts.host_of(config, instance.docker_host), *args)
 
 
 
@@ -91,7 +96,7 @@ def live_stats(config: Config, instance: Instance) -> dict:
 def containers_on(config: Config, host: docker_hosts.DockerHost) -> dict[str, dict]:
     """This installation's containers (by label) on one Docker host: name -> {state,
     image, labels}."""
-    output = docker(host.url, "ps", "-a", "--filter",
+    output = docker(host, "ps", "-a", "--filter",
                     f"label=ebuilder.installation={config.installation_id}",
                     "--format", "{{json .}}", timeout=60)
     found = {}
@@ -105,4 +110,4 @@ def containers_on(config: Config, host: docker_hosts.DockerHost) -> dict[str, di
 
 
 def remove_container(host: docker_hosts.DockerHost, name: str) -> None:
-    docker(host.url, "rm", name, timeout=60)
+    docker(host, "rm", name, timeout=60)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import shlex
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -36,11 +37,32 @@ class DockerHost:
     address: str = "127.0.0.1"
     # provisioner_drain: no new store is placed here; its stores stay until moved.
     draining: bool = False
+    # provisioner_data_root / provisioner_backup_root: where its stores' files live
+    # (None: the service's CUSTOMER_DATA_ROOT / BACKUP_ROOT).
+    data_root: str | None = None
+    backup_root: str | None = None
+    # How `ssh` reaches it (not local): the inventory's ansible_host, ansible_user,
+    # ansible_port, ansible_ssh_private_key_file and ansible_ssh_common_args.
+    ssh: tuple[str, ...] = ()
 
 
 def load_hosts(config: Config) -> list[DockerHost]:
-    """Hosts of the `docker_hosts` group in the inventory file, in file order."""
-    data = yaml.safe_load(config.inventory_file.read_text()) or {}
+    """Hosts of the `docker_hosts` group in the inventory file, in file order (parsed
+    again only when the file's text changes: a run over a fleet asks once per store)."""
+    text = config.inventory_file.read_text()
+    stamp = (str(config.inventory_file), text, config.max_stores_per_host)
+    cached = _parsed.get("last")
+    if cached is None or cached[0] != stamp:
+        cached = _parsed["last"] = (stamp, _parse_hosts(config, text))
+    return list(cached[1])
+
+
+# One (stamp, hosts) pair, replaced whole: threads of the service share it.
+_parsed: dict = {}
+
+
+def _parse_hosts(config: Config, text: str) -> list[DockerHost]:
+    data = yaml.safe_load(text) or {}
     group = data.get("docker_hosts") or (data.get("all", {}).get("children", {})
                                          .get("docker_hosts")) or {}
     group_vars = group.get("vars") or {}
@@ -54,10 +76,39 @@ def load_hosts(config: Config) -> list[DockerHost]:
             local=merged.get("ansible_connection") == "local",
             address=private_address(name, merged.get("provisioner_private_address")),
             draining=str(merged.get("provisioner_drain", False)).lower() in ("true", "yes", "1"),
+            data_root=_path(merged.get("provisioner_data_root")),
+            backup_root=_path(merged.get("provisioner_backup_root")),
+            ssh=() if merged.get("ansible_connection") == "local" else ssh_command(name, merged),
         ))
     if not hosts:
         raise NoCapacity(f"{config.inventory_file} lists no host in group docker_hosts")
     return hosts
+
+
+def _path(value: object) -> str | None:
+    return str(value).rstrip("/") or "/" if value not in (None, "") else None
+
+
+def ssh_command(name: str, host_vars: dict) -> tuple[str, ...]:
+    """`ssh` as Ansible's ssh connection would run it for this host (a command follows)."""
+    command = ["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10"]
+    if host_vars.get("ansible_port"):
+        command += ["-p", str(host_vars["ansible_port"])]
+    if host_vars.get("ansible_user"):
+        command += ["-l", str(host_vars["ansible_user"])]
+    if host_vars.get("ansible_ssh_private_key_file"):
+        command += ["-i", str(host_vars["ansible_ssh_private_key_file"])]
+    for option in ("ansible_ssh_common_args", "ansible_ssh_extra_args"):
+        command += shlex.split(str(host_vars.get(option) or ""))
+    return (*command, "--", str(host_vars.get("ansible_host") or name))
+
+
+def data_root(config: Config, host: DockerHost) -> str:
+    return host.data_root or str(config.customer_data_root)
+
+
+def backup_root(config: Config, host: DockerHost) -> str:
+    return host.backup_root or str(config.backup_root)
 
 
 def private_address(host: str, value: object) -> str:
@@ -83,10 +134,6 @@ def host_of(config: Config, name: str) -> DockerHost:
         if host.name == name:
             return host
     return DockerHost(name=name, url=DEFAULT_DOCKER_URL, max_stores=0)
-
-
-def host_url(config: Config, name: str) -> str:
-    return host_of(config, name).url
 
 
 def free_port(config: Config, avoid: Iterable[int] = ()) -> int:

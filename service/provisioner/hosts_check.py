@@ -58,13 +58,13 @@ def _ansible(config: Config, host: docker_hosts.DockerHost) -> Check:
 
 def _docker(config: Config, host: docker_hosts.DockerHost) -> list[Check]:
     try:
-        version = docker_facts.docker(host.url, "version", "--format", "{{.Server.Version}}",
+        version = docker_facts.docker(host, "version", "--format", "{{.Server.Version}}",
                                       timeout=30).strip()
     except docker_facts.DockerUnavailable as exc:
         return [Check(host.name, "docker", False, f"{host.url}: {exc}")]
     checks = [Check(host.name, "docker", True, f"engine {version} at {host.url}")]
     try:
-        docker_facts.docker(host.url, "network", "inspect", config.container_network,
+        docker_facts.docker(host, "network", "inspect", config.container_network,
                             timeout=30)
         checks.append(Check(host.name, "network", True, f"{config.container_network} exists"))
     except docker_facts.DockerUnavailable:
@@ -75,9 +75,33 @@ def _docker(config: Config, host: docker_hosts.DockerHost) -> list[Check]:
 
 def _ports(config: Config, host: docker_hosts.DockerHost) -> Check:
     span = f"{config.port_range_start}-{config.port_range_end}"
-    if not host.local:
-        return Check(host.name, "ports", True, f"range {span} on {host.address}; not probed "
-                                               f"from here")
-    free = sum(1 for port in range(config.port_range_start, config.port_range_end + 1)
-               if docker_hosts.bindable(host.address, port))
+    ports = range(config.port_range_start, config.port_range_end + 1)
+    if host.ssh:
+        try:
+            listening = _listening(host)
+        except (OSError, subprocess.SubprocessError, RuntimeError) as exc:
+            return Check(host.name, "ports", False, f"cannot list its listening ports: {exc}")
+        free = sum(1 for port in ports if not listening & {(host.address, port),
+                                                            ("*", port)})
+    else:
+        free = sum(1 for port in ports if docker_hosts.bindable(host.address, port))
     return Check(host.name, "ports", free > 0, f"{free} of {span} free on {host.address}")
+
+
+def _listening(host: docker_hosts.DockerHost) -> set[tuple[str, int]]:
+    """(address, port) of the host's listening TCP sockets (`ss`, over SSH); "*" for
+    every address."""
+    done = subprocess.run([*host.ssh, "ss -Hltn"], capture_output=True, text=True,
+                          timeout=30)
+    if done.returncode != 0:
+        raise RuntimeError((done.stderr.strip() or f"rc {done.returncode}")[:300])
+    found = set()
+    for line in done.stdout.splitlines():
+        fields = line.split()
+        if len(fields) < 4:
+            continue
+        address, _, port = fields[3].rpartition(":")
+        address = address.strip("[]").split("%")[0]
+        wildcard = address in ("*", "0.0.0.0", "::")  # noqa: S104 (read, not bound)
+        found.add(("*" if wildcard else address, int(port)))
+    return found

@@ -48,6 +48,7 @@ class JobKind(StrEnum):
     RESTORE = "restore"      # put a backup back (detail: the Backup's id)
     CLONE = "clone"          # a new store from another's backup (detail: the Backup's id)
     DOMAIN = "domain"        # a custom domain's next step (detail: the CustomDomain's id)
+    MOVE = "move"            # a store to another Docker host (detail: the host's name)
 
 
 class JobState(StrEnum):
@@ -60,7 +61,7 @@ class JobState(StrEnum):
 S = StoreState
 MAINTENANCE_KINDS = (JobKind.HEALTH, JobKind.SYNC, JobKind.NGINX, JobKind.CLEANUP)
 # Jobs whose own module runs them (backups.run_job, domains.run_job).
-CARE_KINDS = (JobKind.BACKUP, JobKind.RESTORE, JobKind.CLONE, JobKind.DOMAIN)
+CARE_KINDS = (JobKind.BACKUP, JobKind.RESTORE, JobKind.CLONE, JobKind.DOMAIN, JobKind.MOVE)
 # States a store may be driven to by a playbook (what billing can ask for).
 CONVERGED = frozenset({S.RUNNING, S.SUSPENDED, S.CANCELLED})
 STOPPED_BY_BILLING = frozenset({S.SUSPENDED, S.CANCELLED})

@@ -27,7 +27,7 @@ from provisioner.states import StoreState, transition
 
 # The playbooks whose effect the service takes over, and as which admin action.
 ACTIONS = {"start.yml": "start", "stop.yml": "stop", "restart.yml": "restart",
-           "suspend.yml": "suspend", "destroy.yml": "destroy"}
+           "suspend.yml": "suspend", "destroy.yml": "destroy", "move.yml": "move"}
 STARTS = frozenset({"start", "restart"})
 TASKS_KEPT = 500
 
@@ -110,6 +110,10 @@ def record(config: Config, run: ManualRun) -> list[str]:
                      outcome=task["outcome"], duration=task["duration"])
         for name, instance in touched.items():
             outcome = run.hosts[name]
+            moved_to = str(outcome.result.get("docker_host") or "") if action == "move" else ""
+            if moved_to:
+                # It serves from there, even if cleaning up the old host failed after.
+                instance.docker_host = moved_to
             if not outcome.ok:
                 error = redact(outcome.error, hidden)[:2000] or "failed"
                 LogEntry(instance=instance, ansible_run=row, level="error",
@@ -135,6 +139,8 @@ def _take_over(config: Config, instance: Instance, action: str | None, outcome: 
     who = f"a sysadmin ({by})"
     if action is None:
         return "recorded"
+    if action == "move":
+        return f"moved to {instance.docker_host}"
     if action == "destroy":
         domains.store_ended(config, instance)
         lifecycle.destroyed(instance, str(outcome.result.get("archive") or "") or None)

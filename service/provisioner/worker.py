@@ -30,6 +30,7 @@ from provisioner import (
     mailer,
     maintenance,
     models,
+    moves,
     notifications,
     store_plans,
 )
@@ -58,6 +59,8 @@ LANES: dict[str, tuple[str, ...]] = {
     # across both.
     "signups": (JobKind.CONVERGE, JobKind.ACTION, JobKind.DESTROY, *MAINTENANCE_KINDS),
 }
+# The module that does each care job (the others: backups).
+CARE_RUNS = {JobKind.DOMAIN: domains.run_job, JobKind.MOVE: moves.run_job}
 # Which stores' converge jobs a lane takes: True only new ones, False all but those.
 NEW_STORES: dict[str, bool] = {"ansible": False, "signups": True}
 # Emails are retried for as long as they matter (a welcome only while its store
@@ -222,7 +225,7 @@ class Worker:
                 self._maintenance(job_id, kind)
         for kind in CARE_KINDS:
             for job_id in self._unless_stopping(by_kind, kind):
-                self._care(job_id, domains.run_job if kind == JobKind.DOMAIN else backups.run_job)
+                self._care(job_id, CARE_RUNS.get(kind, backups.run_job))
         for kind, ids in by_kind.items():
             for job_id in ids:
                 self._fail(job_id, f"unknown job kind {kind!r}")

@@ -93,6 +93,9 @@ def two_host_config(service, engine_b, tmp_path):
         # Its stores publish on another address than loopback's first, as a host's
         # private address would be: nginx proxies there, the live health asks there.
         "      provisioner_private_address: 127.0.0.2\n"
+        # Its stores' files elsewhere, as on another machine.
+        f"      provisioner_data_root: {DATA_ROOT}/customers\n"
+        f"      provisioner_backup_root: {DATA_ROOT}/backups\n"
         "stores:\n"
         "  hosts: {}\n")
     # This test drives its own worker with the two-host inventory.
@@ -160,3 +163,4 @@ def test_stores_spread_over_both_engines_and_actions_hit_the_right_one(service,
         admin.queue_action(target_id, "start", admin.Actor("test"))
     drain(two_host_config, names)
     assert f"ebuilder_{target}" in running_on(SOCKET)
+

@@ -28,6 +28,7 @@ class Operation(StrEnum):
     SYNC = "sync"            # every store to its state
     BACKUP = "backup"        # a verified archive of each store's data dir
     RESTORE = "restore"      # a backup put back (or into a clone), the store started
+    MOVE = "move"            # to another Docker host: archive, copy, restore, switch vhost
 
 
 PLAYBOOKS = {operation: f"{operation.value}.yml" for operation in Operation}

@@ -124,8 +124,10 @@ def settings_vars(config: Config) -> dict:
         "provisioner_default_image": config.ebuilder_image,
         # Polled 4 times a second (the role's delay): a store is live the moment it answers.
         "ebuilder_instance_health_retries": config.health_wait_seconds * 4,
-        "ebuilder_instance_data_root": str(config.customer_data_root),
-        "ebuilder_instance_backup_root": str(config.backup_root),
+        # A Docker host's provisioner_data_root / provisioner_backup_root beat these
+        # (group_vars/stores.yml); under those names, extra vars would beat every host's.
+        "provisioner_default_data_root": str(config.customer_data_root),
+        "provisioner_default_backup_root": str(config.backup_root),
         "ebuilder_instance_backup_copy_to": config.backup_copy_to,
         "ebuilder_instance_network": config.container_network,
         "ebuilder_instance_base_domain": config.base_domain,

@@ -43,6 +43,9 @@ class StoreVars:
     restore_from: str | None = None
     restore_sha256: str | None = None
     restore_exclude: tuple[str, ...] | None = None
+    # move.yml: the Docker host the store moves to, the archive made on its old host.
+    move_to: str | None = None
+    move_archive: str | None = None
     # Largest upload nginx accepts for this store (nginx size, e.g. "100m").
     upload_limit: str | None = None
     # The container limits of its plan (plans.Plan); 0: none.

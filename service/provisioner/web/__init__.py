@@ -13,7 +13,16 @@ from collections.abc import Callable
 from bottle import BaseRequest, Bottle, response
 
 from provisioner.config import Config
-from provisioner.web import account, admin_api, admin_pages, backups, domains, public, uptime
+from provisioner.web import (
+    account,
+    admin_api,
+    admin_pages,
+    backups,
+    domains,
+    moves,
+    public,
+    uptime,
+)
 from provisioner.web.common import MAX_BODY_BYTES, Web, add_security_headers
 
 
@@ -30,7 +39,7 @@ def create_app(config: Config, wake: threading.Event | None = None,
     BaseRequest.MEMFILE_MAX = MAX_BODY_BYTES
     app = Bottle()
     web = Web(config, wake=wake, on_event_recorded=on_event_recorded)
-    for group in (public, account, admin_api, admin_pages, backups, uptime, domains):
+    for group in (public, account, admin_api, admin_pages, backups, uptime, domains, moves):
         for route in group.ROUTES:
             app.route(route.path, route.method, web.bind(route))
     app.add_hook("after_request", add_security_headers)

@@ -12,9 +12,9 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import wraps
-from urllib.parse import urlparse
+from urllib.parse import quote, urlparse
 
-from bottle import HTTPResponse, request, response
+from bottle import HTTPResponse, redirect, request, response
 from jinja2 import Environment, PackageLoader, select_autoescape
 from pony.orm import db_session
 
@@ -302,3 +302,41 @@ def busy_response(config: Config, as_json: bool = True) -> HTTPResponse:
     again (Stripe does so for webhooks)."""
     return deny(503, "database busy; nothing was changed, try again shortly", as_json,
                 {"Retry-After": str(config.db_busy_timeout_seconds), "Cache-Control": "no-store"})
+
+
+# -- store care requests (backups, restore, clone, move) -------------------------------
+
+def queued(web: Web, work) -> object:
+    """Run an admin request: 202 with its job, 409 with why it was refused."""
+    try:
+        with db_session:
+            result = work()
+    except admin.Conflict as exc:
+        return json_response(409, {"error": str(exc)})
+    web.notify_worker()
+    return json_response(202, {**result, "status_url": f"/api/jobs/{result['job_id']}/"})
+
+
+def text_field(body: dict, name: str) -> str | None:
+    value = body.get(name)
+    if value is None or isinstance(value, int) and not isinstance(value, bool):
+        return None if value is None else str(value)
+    if not isinstance(value, str) or len(value) > 500:
+        raise json_response(400, {"error": f"{name} must be a number or text of at most "
+                                           "500 characters"})
+    return value
+
+
+def page_request(web: Web, instance_id: int, work, said) -> None:
+    """A store page's form: the work done once the form's CSRF token is accepted, then
+    back to the store's page saying what was queued or why not."""
+    web.check_csrf()  # first: nothing of a foreign or malformed form is read before
+    try:
+        with db_session:
+            result = or_404(work, page=True)
+    except admin.Conflict as exc:
+        flash = str(exc)
+    else:
+        web.notify_worker()
+        flash = said(result)
+    redirect(f"/admin/instances/{instance_id}/?flash={quote(flash)}", 303)

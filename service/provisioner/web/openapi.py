@@ -148,6 +148,12 @@ def document() -> dict:
                 "the clone's name, \"backup\": optional id (default: one taken now)}.",
                 {**JOB_QUEUED, "clone_id": {"type": "integer"},
                  "subdomain": {"type": "string"}}),
+            "/api/instances/{id}/move/": _admin_post(
+                "Queue moving the store to another Docker host: body {\"docker_host\": its "
+                "inventory name}. 409 when it cannot go there (its state; the host unknown, "
+                "draining or full). The store is down only while its data is copied; a failed "
+                "move leaves it serving on its old host.",
+                {**JOB_QUEUED, "from": {"type": "string"}, "to": {"type": "string"}}),
             "/api/instances/{id}/domains/": {
                 **_admin_get("The store's own domains: status, DNS record to create, "
                              "certificate expiry.", with_id=True, params=instance_id),

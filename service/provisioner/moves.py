@@ -1,0 +1,107 @@
+"""Moving a store to another Docker host (draining a host, balancing, retiring one).
+
+One store per run of playbooks/move.yml: stopped, archived and verified on its old
+host, copied, restored and started on the new one, its vhost switched, the old
+container and data removed last. The store is down only for the copy; a failed move
+leaves it on its old host, serving. The DB names the new host only once the run
+says the store is there."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+
+from pony.orm import commit, db_session
+
+from provisioner import docker_hosts, jobs
+from provisioner.ansible import operations
+from provisioner.ansible.operations import Operation
+from provisioner.ansible.store_vars import with_target
+from provisioner.config import Config
+from provisioner.models import Instance, Job, LogEntry, utcnow
+from provisioner.states import JobKind, StoreState
+
+# A store with data and a container: moved in the state it is in.
+MOVABLE = frozenset({StoreState.RUNNING, StoreState.STOPPED, StoreState.SUSPENDED})
+
+
+class Refused(jobs.Final):
+    """The move cannot be done as the store or the hosts stand; the message says why."""
+
+
+def check(config: Config, instance: Instance, target: str) -> docker_hosts.DockerHost:
+    """The target host, if `instance` can move there now (needs a db_session)."""
+    if not instance.live or instance.provisioned_at is None or \
+            instance.status not in MOVABLE:
+        raise Refused(f"store {instance.subdomain} is {instance.status}: only a running, "
+                      "stopped or suspended store is moved")
+    if target == instance.docker_host:
+        raise Refused(f"store {instance.subdomain} is already on {target}")
+    rooms = {row["name"]: row for row in docker_hosts.capacity(config)}
+    room = rooms.get(target)
+    if room is None or not room["listed"]:
+        raise Refused(f"{target} is not a Docker host of {config.inventory_file} "
+                      f"(hosts: {', '.join(sorted(n for n, r in rooms.items() if r['listed']))})")
+    if room["draining"]:
+        raise Refused(f"{target} is draining: no store is moved there")
+    if room["free"] <= 0:
+        raise Refused(f"{target} is full ({room['stores']} of {room['max_stores']} stores)")
+    return docker_hosts.host_of(config, target)
+
+
+def request_move(config: Config, instance: Instance, target: str) -> Job:
+    """Queue moving a store to `target` (needs a db_session)."""
+    check(config, instance, target)
+    return jobs.enqueue(JobKind.MOVE, instance=instance, detail=target)
+
+
+def run_job(config: Config, job_id: int) -> str:
+    """worker._care: one MOVE job. Checked again (the store or the hosts may have
+    changed since it was asked); never retried on its own, since each try stops the
+    store: a failed move says why and an admin asks again."""
+    with db_session:
+        job = Job[job_id]
+        instance, target = job.instance, job.detail or ""
+        check(config, instance, target)
+        origin = instance.docker_host
+        source = docker_hosts.host_of(config, origin)
+        stamp = utcnow()
+        archive = (f"{docker_hosts.backup_root(config, source)}/"
+                   f"{instance.subdomain}-{instance.id}/{instance.subdomain}-move-"
+                   f"{stamp:%Y%m%dT%H%M%S}.{stamp.microsecond:06d}Z.tar.gz")
+        store = with_target(config, instance).with_(move_to=target, move_archive=archive)
+        instance_id = instance.id
+        LogEntry(instance=instance, job=job, message=f"move from {origin} to {target} started")
+    config.ansible_runs_dir.mkdir(parents=True, exist_ok=True)
+    stash = tempfile.mkdtemp(prefix="move-", dir=config.ansible_runs_dir)  # 0700
+    started = time.monotonic()
+    try:
+        result = operations.run(config, Operation.MOVE, [store], jobs={store.name: job_id},
+                                extra_vars={"move_stash": stash})
+    finally:
+        shutil.rmtree(stash, ignore_errors=True)
+    outcome = result.hosts[store.name]
+    moved_to = result.store_results.get(store.name, {}).get("docker_host")
+    with db_session:
+        instance = Instance[instance_id]
+        if moved_to != target:
+            LogEntry(instance=instance, level="error",
+                     message=f"move to {target} failed, the store stays on {origin}: "
+                             f"{outcome.error}")
+            # The playbook put it back; a run that died on the way may not have: the
+            # store is brought to its state on its old host.
+            jobs.enqueue(JobKind.CONVERGE, instance=instance)
+            commit()  # kept, though the job fails
+            raise Refused(f"move of {instance.subdomain} to {target} failed, it stays on "
+                          f"{origin}: {outcome.error}")
+        # It serves from the new host: that is where it is, whatever failed after.
+        instance.docker_host = target
+        took = time.monotonic() - started
+        LogEntry(instance=instance, message=f"moved from {origin} to {target} in {took:.1f} s")
+        if not outcome.ok:
+            LogEntry(instance=instance, level="warning",
+                     message=f"moved, but cleaning up on {origin} failed (its old container "
+                             f"or archive may be left; `provisioner sync --check` shows "
+                             f"them): {outcome.error}")
+    return f"moved {store.name} from {origin} to {target}"
