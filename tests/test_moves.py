@@ -5,15 +5,16 @@ tests/integration/test_multi_host.py, over SSH between two network namespaces)."
 from __future__ import annotations
 
 import dataclasses
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from pony.orm import db_session, flush
 
-from provisioner import admin, moves
+from provisioner import admin, backups, moves
 from provisioner.ansible import operations
 from provisioner.ansible.runner import HostOutcome, RunResult
-from provisioner.models import AuditEntry, Instance, Job
+from provisioner.models import AuditEntry, Backup, Instance, Job, utcnow
 from provisioner.web import create_app
 from provisioner.worker import Worker
 from tests.test_admin_api import AUTH, PASSWORD
@@ -173,3 +174,27 @@ def test_a_move_whose_cleanup_failed_still_names_the_new_host(config, tmp_path, 
         warnings = [e.message for e in store.logs if e.level == "warning"]
     assert any("cleaning up on localhost failed" in line and "sync --check" in line
                for line in warnings)
+
+
+def test_backups_made_before_a_move_stay_with_the_old_host(config, tmp_path, runner_is):
+    hosts = with_hosts(config, tmp_path)
+    store_id = running_store(hosts, "old-backups-shop")
+    with db_session:
+        store = Instance[store_id]
+        before = Backup(instance=store, path="/srv/ebuilder/backups/x/old.tar.gz",
+                        docker_host="localhost", reason="scheduled", status="ok",
+                        sha256="0" * 64, created_at=utcnow() - timedelta(days=400))
+        flush()
+        before_id = before.id
+    runner_is(MoveRunner(lands_on="far"))
+    move_job(hosts, store_id, "far")
+    Worker(hosts).run_once()
+    with db_session:
+        store = Instance[store_id]
+        # Not restorable from the new host, and not aged out by its retention (the run
+        # that deletes old archives runs on the new host).
+        with pytest.raises(backups.Refused, match=f"backup {before_id} is on localhost"):
+            backups.find_backup(store, before_id)
+        with pytest.raises(backups.Refused, match="has no good backup"):
+            backups.find_backup(store, None)
+        assert backups.expired(hosts, store, utcnow()) == []

@@ -63,7 +63,10 @@ def listing(instance: Instance, limit: int = 50) -> list[dict]:
 
 
 def latest_good(instance: Instance) -> Backup | None:
-    return instance.backups.select(lambda b: b.status == "ok").order_by(
+    """The newest good backup on the store's own host (older hosts' archives stay there)."""
+    host = instance.docker_host
+    return instance.backups.select(lambda b: b.status == "ok" and b.docker_host == host
+                                   ).order_by(
         desc(Backup.created_at), desc(Backup.id)).first()
 
 
@@ -73,9 +76,11 @@ def expired(config: Config, instance: Instance, now: datetime,
     ones beyond the newest BACKUP_KEEP (the new one counted), and any older than
     BACKUP_KEEP_DAYS (the new one is then the newest good one). Manual, clone and other
     backups do not count: clicking Back up seven times never pushes the week's history
-    out."""
-    good = list(instance.backups.select(lambda b: b.status == "ok").order_by(
-        desc(Backup.created_at), desc(Backup.id)))
+    out. Only the archives on the store's own host: the backup run deletes them there
+    (a moved store's older archives stay on its old host, listed)."""
+    host = instance.docker_host
+    good = list(instance.backups.select(lambda b: b.status == "ok" and b.docker_host == host
+                                        ).order_by(desc(Backup.created_at), desc(Backup.id)))
     cutoff = now - timedelta(days=config.backup_keep_days)
     scheduled = [b for b in good if b.reason == "scheduled"]
     kept = scheduled[:config.backup_keep - (1 if reason == "scheduled" else 0)]
@@ -108,6 +113,10 @@ def find_backup(instance: Instance, which: str | int | None) -> Backup:
         raise Refused(f"store {instance.subdomain} has no backup {text}")
     if backup.status != "ok":
         raise Refused(f"backup {backup.id} is {backup.status}; only a good backup is restored")
+    if backup.docker_host != instance.docker_host:
+        # Made before the store moved: its archive is on the old host.
+        raise Refused(f"backup {backup.id} is on {backup.docker_host} (made before the store "
+                      f"moved to {instance.docker_host}); copy it there by hand or back up anew")
     return backup
 
 
