@@ -5,14 +5,17 @@
     ansible-playbook -i inventory playbooks/restart.yml --limit janes-shop
 
 Each live store is a host in group `stores` (and `docker_host_<name>`, and
-`state_<state>`), connecting like the Docker host it lives on (hosts.yml),
-with its provisioner_store record as vars; the service's settings are the
-vars of group `all`. Never a secret, and every value marked unsafe: a store's
-name is data, never a template. Runs with the provisioner's Python and
-configuration (PROVISIONER_ENV_FILE, else `.env` here, the project's `.env` or
-/etc/ebuilder-provisioner.env; the environment overrides). Started by another
-Python (an `ansible-inventory` outside the venv), it runs itself again with the
-project's `.venv`.
+`state_<state>`), connecting like the Docker host it lives on (hosts.yml), with its
+provisioner_store record as vars; the service's settings are the vars of group
+`all`. How to reach a Docker host is the vars of its group `docker_host_<name>` (for
+ad-hoc commands): playbooks derive the same from the store's record
+(playbooks/group_vars/stores.yml, which beats inventory group vars), so a play can
+point a store at another host (move.yml). Never a secret, and every value marked
+unsafe: a store's name is data, never a template. Runs with the provisioner's Python
+and configuration (PROVISIONER_ENV_FILE, else `.env` here, the project's `.env` or
+/etc/ebuilder-provisioner.env; the environment overrides). Started by another Python
+(an `ansible-inventory` outside the venv), it runs itself again with the project's
+`.venv`.
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ from pathlib import Path
 import yaml
 
 CONNECTION_VARS = ("ansible_connection", "ansible_host", "ansible_port", "ansible_user",
-                   "ansible_python_interpreter", "ebuilder_instance_docker_host")
+                   "ansible_python_interpreter", "ansible_ssh_private_key_file",
+                   "ansible_ssh_common_args", "ansible_ssh_extra_args",
+                   "ansible_host_key_checking", "ebuilder_instance_docker_host")
 
 
 def docker_host_vars(path: Path) -> dict[str, dict]:
@@ -65,8 +70,10 @@ def inventory() -> dict:
             result["stores"]["hosts"].append(name)
             for group in (f"docker_host_{instance.docker_host}", f"state_{record['state']}"):
                 result.setdefault(group.replace("-", "_"), {"hosts": []})["hosts"].append(name)
+            engine = f"docker_host_{instance.docker_host}".replace("-", "_")
+            if hosts.get(instance.docker_host):
+                result[engine]["vars"] = hosts[instance.docker_host]
             result["_meta"]["hostvars"][name] = {
-                **hosts.get(instance.docker_host, {}),
                 "provisioner_store": inventory_json_value(record)}
     return result
 

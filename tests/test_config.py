@@ -122,3 +122,14 @@ def test_settings_command_prints_the_table_and_checks(tmp_path):
     assert checked.stderr.strip().splitlines() == [
         "provisioner: configuration error: TRUSTED_PROXIES: 'not-an-address' is not an IP "
         "address or network"]
+
+
+
+def test_a_database_url_of_another_kind_is_refused_without_its_password(base_env, tmp_path):
+    env = {**base_env, "PROVISIONER_ENV_FILE": str(tmp_path / "none.env"),
+           "DATABASE_URL": "mysql://shop:hunter2@db/shop"}
+    # Start-up in a process of its own (this one's database is bound already).
+    done = subprocess.run([sys.executable, "-m", "provisioner.cli", "stats"],
+                          capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode != 0
+    assert "mysql://..." in done.stderr and "hunter2" not in done.stderr + done.stdout

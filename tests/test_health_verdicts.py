@@ -15,9 +15,15 @@ _spec.loader.exec_module(store_health)
 US = "inst-us"
 
 
-def store(name: str, instance_id: int, engine: str = "localhost") -> dict:
-    return {"store_docker_host": engine, "ebuilder_instance_subdomain": name,
-            "ebuilder_instance_id": instance_id, "ebuilder_instance_installation_id": US}
+def store(name: str, instance_id: int, engine: str = "localhost", edge: str = "localhost",
+          root: str = "/srv/ebuilder/customers") -> dict:
+    """A store's variables as the filters read them: its health_store fact
+    (tasks/where_stores_live.yml) and the role's own names."""
+    return {"health_store": {"docker_host": engine, "edge": edge,
+                             "fqdn": f"{name}.stores.test",
+                             "data_dir": f"{root}/{instance_id}"},
+            "ebuilder_instance_subdomain": name, "ebuilder_instance_id": instance_id,
+            "ebuilder_instance_installation_id": US}
 
 
 def container(name: str, instance_id: int, state: str = "running", **labels) -> dict:
@@ -53,8 +59,27 @@ def test_each_store_gets_its_own_verdict():
     }
 
 
+def test_containers_are_read_on_the_docker_host_and_pages_on_the_edge():
+    hostvars = {"near": store("near", 1), "far": store("far", 2, engine="h2"),
+                "own-edge": store("own-edge", 3, engine="h2", edge="edge-2")}
+    assert store_health.health_targets(hostvars, list(hostvars)) == {
+        "localhost": {"near": "near.stores.test"},
+        "h2": {"far": "far.stores.test", "own-edge": "own-edge.stores.test"}}
+    assert store_health.health_targets(hostvars, list(hostvars), "edge") == {
+        "localhost": {"near": "near.stores.test", "far": "far.stores.test"},
+        "edge-2": {"own-edge": "own-edge.stores.test"}}
+    listings = {"results": [
+        {"item": "localhost", "containers": [container("near", 1)]},
+        {"item": "h2", "containers": [container("far", 2), container("own-edge", 3)]}]}
+    pages = {"results": [
+        {"item": "localhost", "pages": {"near": {"status": 200}, "far": {"status": 200}}},
+        {"item": "edge-2", "pages": {"own-edge": {"status": 503}}}]}
+    assert store_health.health_verdicts(hostvars, list(hostvars), listings, pages) == {
+        "near": "", "far": "", "own-edge": "unhealthy: container running, HTTP 503"}
+
+
 def test_disk_usage_maps_each_hosts_du_lines_to_its_stores():
-    hostvars = {"a": {**store("a", 1), "ebuilder_instance_data_root": "/data/"},
+    hostvars = {"a": store("a", 1, root="/data"),
                 "b": store("b", 2, engine="host2"), "c": store("c", 3, engine="host2")}
     targets = store_health.disk_targets(hostvars, ["a", "b", "c"])
     assert targets == {"localhost": {"/data/1": "a"},

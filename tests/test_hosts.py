@@ -78,3 +78,23 @@ def test_hosts_command_lists_room_and_checks_this_machine(config, base_env, tmp_
     assert "localhost: 0 of 100 stores, room for 100, stores publish on 127.0.0.1" in done.stdout
     assert "localhost: ansible: ok (reached this machine)" in done.stdout
     assert "localhost: docker: ok (engine " in done.stdout
+
+
+def test_each_host_knows_its_edge_and_whether_that_is_this_machine(config, tmp_path):
+    inventory = tmp_path / "hosts.yml"
+    inventory.write_text(
+        "edge:\n  hosts:\n    localhost:\n"
+        "docker_hosts:\n  hosts:\n"
+        "    far:\n      ansible_host: 10.0.0.11\n"
+        "    own:\n      ansible_host: 10.0.0.12\n      provisioner_edge: edge-2\n")
+    hosts = {h.name: h for h in docker_hosts.load_hosts(
+        dataclasses.replace(config, inventory_path=str(inventory)))}
+    assert (hosts["far"].edge, hosts["far"].edge_local) == ("localhost", True)
+    assert (hosts["own"].edge, hosts["own"].edge_local) == ("edge-2", False)
+    # No edge group: nginx beside each Docker host, read here only for a local one.
+    alone = {h.name: h for h in docker_hosts.load_hosts(with_hosts(
+        config, tmp_path, "    here:\n      ansible_connection: local\n"
+                          "    there:\n      ansible_host: 10.0.0.13\n"))}
+    assert (alone["here"].edge, alone["here"].edge_local) == ("here", True)
+    assert (alone["there"].edge, alone["there"].edge_local) == ("there", False)
+    assert alone["there"].ssh[-2:] == ("--", "10.0.0.13")

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from pony.orm import db_session, flush
 
-from provisioner import admin, backups, moves
+from provisioner import admin, backups, maintenance, moves
 from provisioner.ansible import operations
 from provisioner.ansible.runner import HostOutcome, RunResult
-from provisioner.models import AuditEntry, Backup, Instance, Job, utcnow
+from provisioner.models import AuditEntry, Backup, Instance, Job, LogEntry, utcnow
 from provisioner.web import create_app
 from provisioner.worker import Worker
 from tests.test_admin_api import AUTH, PASSWORD
@@ -22,6 +22,9 @@ from tests.test_health_history import running_store
 from tests.wsgi import call
 
 HOSTS = """\
+edge:
+  hosts:
+    localhost:
 docker_hosts:
   vars:
     ansible_connection: local
@@ -34,6 +37,9 @@ docker_hosts:
       provisioner_max_stores: {far_room}
     closing:
       provisioner_drain: true
+    elsewhere:
+      provisioner_edge: edge-2
+      provisioner_max_stores: 1
 """
 
 
@@ -88,7 +94,8 @@ def test_a_move_is_refused_at_once_where_the_store_cannot_go(config, tmp_path):
         for target, why in (("localhost", "already on localhost"),
                             ("nowhere", "not a Docker host of"),
                             ("closing", "closing is draining"),
-                            ("far", r"far is full \(0 of 0 stores\)")):
+                            ("far", r"far is full \(0 of 0 stores\)"),
+                            ("elsewhere", "served by edge-2, this store's by localhost")):
             with pytest.raises(moves.Refused, match=why):
                 moves.request_move(hosts, store, target)
         store.status = "provisioning"
@@ -124,6 +131,10 @@ def test_a_move_tells_the_run_where_to_and_the_store_lives_there_once_it_serves(
     hosts = with_hosts(config, tmp_path)
     store_id = running_store(hosts, "go-shop")
     runner = runner_is(MoveRunner(lands_on="far"))
+    # A killed move's stash (customer data in transit) is removed by the next move.
+    leftover = hosts.ansible_runs_dir / "move-killed"
+    leftover.mkdir(parents=True)
+    (leftover / "go-shop.tar.gz").write_bytes(b"data")
     job_id = move_job(hosts, store_id, "far")
     Worker(hosts).run_once()
     [(playbook, [record], extra)] = runner.calls
@@ -135,7 +146,7 @@ def test_a_move_tells_the_run_where_to_and_the_store_lives_there_once_it_serves(
         f"{hosts.backup_root}/go-shop-{store_id}/go-shop-move-")
     # The controller's stash is private while the run uses it, and gone after.
     assert extra["stash_existed"] and extra["stash_mode"] == 0o700
-    assert not Path(extra["move_stash"]).exists()
+    assert not Path(extra["move_stash"]).exists() and not leftover.exists()
     with db_session:
         store, job = Instance[store_id], Job[job_id]
         assert (store.docker_host, store.status, job.state) == ("far", "running", "done")
@@ -198,3 +209,32 @@ def test_backups_made_before_a_move_stay_with_the_old_host(config, tmp_path, run
         with pytest.raises(backups.Refused, match="has no good backup"):
             backups.find_backup(store, None)
         assert backups.expired(hosts, store, utcnow()) == []
+
+
+def test_an_interrupted_move_is_never_tried_again_on_its_own(config, tmp_path, runner_is):
+    hosts = with_hosts(config, tmp_path)
+    store_id = running_store(hosts, "twice-shop")
+    runner = runner_is(MoveRunner(lands_on="far"))
+    job_id = move_job(hosts, store_id, "far")
+    with db_session:
+        # What a try that died mid-run leaves: its start in the job's log.
+        LogEntry(instance=Instance[store_id], job=Job[job_id],
+                 message="move from localhost to far started")
+    Worker(hosts).run_once()
+    assert runner.calls == []
+    with db_session:
+        job = Job[job_id]
+        assert job.state == "failed" and "an earlier try" in job.last_error
+        assert Instance[store_id].docker_host == "localhost"
+
+
+def test_the_maintenance_jobs_leave_a_store_being_moved_alone(config, tmp_path):
+    hosts = with_hosts(config, tmp_path)
+    store_id = running_store(hosts, "busy-shop")
+    other_id = running_store(hosts, "calm-shop")
+    job_id = move_job(hosts, store_id, "far")
+    with db_session:
+        Job[job_id].state = "running"
+    with db_session:
+        assert moves.moving() == {store_id}
+        assert [i.id for i in maintenance._running_stores()] == [other_id]

@@ -18,13 +18,16 @@ def _by_item(results: dict | None) -> dict:
     return {r.get("item"): r for r in (results or {}).get("results", [])}
 
 
-def health_targets(hostvars, stores: list[str], by: str = "store_docker_host") -> dict:
+def health_targets(hostvars, stores: list[str], by: str = "docker_host") -> dict:
     """The stores to check, by Docker host (their containers) or by nginx host
-    (`by="nginx_site_host"`: their pages): {host: {store name: its fqdn}}."""
+    (`by="edge"`: their pages): {host: {store name: its fqdn}}. Reads each store's
+    `health_store` fact (tasks/where_stores_live.yml): a store's own variables read
+    through hostvars lose the play's context (a host's provisioner_edge or data root
+    would be ignored)."""
     targets: dict[str, dict[str, str]] = {}
     for name in stores:
-        store = hostvars[name]
-        targets.setdefault(str(store[by]), {})[name] = str(store["store_fqdn"])
+        where = hostvars[name]["health_store"]
+        targets.setdefault(str(where[by]), {})[name] = str(where["fqdn"])
     return targets
 
 
@@ -39,7 +42,8 @@ def health_verdicts(hostvars, stores: list[str], listings: dict, pages: dict) ->
     verdicts = {}
     for name in stores:
         store = hostvars[name]
-        engine = str(store["store_docker_host"])
+        where = store["health_store"]
+        engine = str(where["docker_host"])
         listing = listing_of.get(engine, {"failed": True, "msg": "not listed"})
         if listing.get("failed"):
             verdicts[name] = (f"unhealthy: cannot read containers on {engine}: "
@@ -50,8 +54,8 @@ def health_verdicts(hostvars, stores: list[str], listings: dict, pages: dict) ->
                                   for n in c.get("Names") or []}
         # The role's container name (ebuilder_instance vars/main.yml).
         container = containers[engine].get(f"ebuilder_{store['ebuilder_instance_subdomain']}")
-        edge = str(store.get("nginx_site_host") or engine)
-        page = ((pages_of.get(edge) or {}).get("pages") or {}).get(name) or {"status": -1}
+        pages = (pages_of.get(str(where["edge"])) or {}).get("pages") or {}
+        page = pages.get(name) or {"status": -1}
         labels = (container or {}).get("Labels") or {}
         if container is None:
             state = "missing"
@@ -69,11 +73,8 @@ def disk_targets(hostvars, stores: list[str]) -> dict:
     """The data dir of each store, by Docker host: {host: {data dir: store name}}."""
     targets: dict[str, dict[str, str]] = {}
     for name in stores:
-        store = hostvars[name]
-        # The role's data dir (ebuilder_instance vars/main.yml).
-        root = str(store.get("ebuilder_instance_data_root") or "/srv/ebuilder/customers")
-        path = f"{root.rstrip('/')}/{store['ebuilder_instance_id']}"
-        targets.setdefault(str(store["store_docker_host"]), {})[path] = name
+        where = hostvars[name]["health_store"]
+        targets.setdefault(str(where["docker_host"]), {})[str(where["data_dir"])] = name
     return targets
 
 

@@ -316,9 +316,11 @@ def host_detail(config: Config, instance: Instance) -> dict:
     own = next((r for r in rooms if r["name"] == instance.docker_host), None)
     movable = instance.live and instance.provisioned_at is not None and \
         instance.status in moves.MOVABLE
+    edge = docker_hosts.host_of(config, instance.docker_host).edge
     return {"address": own["address"] if own else None, "error": None,
             "move_targets": [r["name"] for r in rooms if movable and r["listed"]
-                             and r["free"] > 0 and r["name"] != instance.docker_host]}
+                             and r["free"] > 0 and r["name"] != instance.docker_host
+                             and docker_hosts.host_of(config, r["name"]).edge == edge]}
 
 
 def plan_detail(config: Config, instance: Instance) -> dict:

@@ -44,6 +44,11 @@ class DockerHost:
     # How `ssh` reaches it (not local): the inventory's ansible_host, ansible_user,
     # ansible_port, ansible_ssh_private_key_file and ansible_ssh_common_args.
     ssh: tuple[str, ...] = ()
+    # The nginx host of its stores (provisioner_edge, else the edge group's first host,
+    # else itself): group_vars/stores.yml's store_edge_host.
+    edge: str = ""
+    # Its edge is this machine (its vhosts can be read here).
+    edge_local: bool = False
 
 
 def load_hosts(config: Config) -> list[DockerHost]:
@@ -66,6 +71,8 @@ def _parse_hosts(config: Config, text: str) -> list[DockerHost]:
     group = data.get("docker_hosts") or (data.get("all", {}).get("children", {})
                                          .get("docker_hosts")) or {}
     group_vars = group.get("vars") or {}
+    edges = data.get("edge") or (data.get("all", {}).get("children", {}).get("edge")) or {}
+    first_edge = next(iter(edges.get("hosts") or {}), None)
     hosts = []
     for name, host_vars in (group.get("hosts") or {}).items():
         merged = {**group_vars, **(host_vars or {})}
@@ -79,10 +86,19 @@ def _parse_hosts(config: Config, text: str) -> list[DockerHost]:
             data_root=_path(merged.get("provisioner_data_root")),
             backup_root=_path(merged.get("provisioner_backup_root")),
             ssh=() if merged.get("ansible_connection") == "local" else ssh_command(name, merged),
+            edge=(edge := str(merged.get("provisioner_edge") or first_edge or name)),
+            edge_local=_is_local(edge, (edges.get("hosts") or {}).get(edge) or (
+                merged if edge == name else {})),
         ))
     if not hosts:
         raise NoCapacity(f"{config.inventory_file} lists no host in group docker_hosts")
     return hosts
+
+
+def _is_local(name: str, host_vars: dict) -> bool:
+    """Ansible reaches this inventory host without SSH (its files are this machine's)."""
+    connection = (host_vars or {}).get("ansible_connection")
+    return connection == "local" or (connection is None and name in ("localhost", "127.0.0.1"))
 
 
 def _path(value: object) -> str | None:

@@ -72,8 +72,8 @@ def _vhosts(config: Config) -> dict[str, tuple[str, Path]]:
 
 
 def find(config: Config, progress=lambda text: None) -> Drift:
-    """Read every Docker host and this machine's vhosts; compare with the DB. Changes
-    nothing."""
+    """Read every Docker host and this machine's vhosts (those of the stores whose nginx
+    host is this machine); compare with the DB. Changes nothing."""
     drift = Drift()
     reality: dict[str, dict[str, dict]] = {}
     local_hosts: set[str] = set()
@@ -84,10 +84,11 @@ def find(config: Config, progress=lambda text: None) -> Drift:
         except docker_facts.DockerUnavailable as exc:
             drift.unchecked.append(f"{host.name}: Docker did not answer ({exc})")
             continue
-        if host.local:
+        if host.edge_local:
             local_hosts.add(host.name)
         else:
-            drift.unchecked.append(f"{host.name}: vhosts not read (not this machine)")
+            drift.unchecked.append(f"{host.name}: vhosts not read (its nginx host "
+                                   f"{host.edge} is not this machine)")
     vhosts = _vhosts(config) if local_hosts else {}
     owned_vhosts: set[str] = set()
     known: set[tuple[str, str]] = set()
@@ -113,7 +114,9 @@ def find(config: Config, progress=lambda text: None) -> Drift:
     for host, containers in reality.items():
         drift.unknown_containers += [(host, name, info["state"]) for name, info in
                                      containers.items() if (host, name) not in known]
-    drift.extra_vhosts = [(sorted(local_hosts)[0], str(path)) for fqdn, (_, path)
+    edge = next((h.edge for h in docker_hosts.load_hosts(config) if h.name in local_hosts),
+                None)
+    drift.extra_vhosts = [(edge, str(path)) for fqdn, (_, path)
                           in vhosts.items() if fqdn not in owned_vhosts]
     return drift
 

@@ -101,6 +101,8 @@ def _listening(host: docker_hosts.DockerHost) -> set[tuple[str, int]]:
         if len(fields) < 4:
             continue
         address, _, port = fields[3].rpartition(":")
+        if not port.isdigit():
+            continue
         address = address.strip("[]").split("%")[0]
         wildcard = address in ("*", "0.0.0.0", "::")  # noqa: S104 (read, not bound)
         found.add(("*" if wildcard else address, int(port)))

@@ -11,7 +11,16 @@ from datetime import timedelta
 
 from pony.orm import db_session, desc, flush, select
 
-from provisioner import alerts, docker_facts, docker_hosts, drift, jobs, lifecycle, store_plans
+from provisioner import (
+    alerts,
+    docker_facts,
+    docker_hosts,
+    drift,
+    jobs,
+    lifecycle,
+    moves,
+    store_plans,
+)
 from provisioner.ansible import operations
 from provisioner.ansible.operations import Operation
 from provisioner.ansible.store_vars import of_instance, with_target
@@ -77,8 +86,11 @@ _RUNNING = StoreState.RUNNING.value
 
 
 def _running_stores() -> list[Instance]:
-    return list(Instance.select(lambda i: i.live and i.status == _RUNNING
-                                and not i.admin_hold).order_by(Instance.id))
+    """The stores a sweep checks: running, not held, not being moved."""
+    away = moves.moving()
+    return [i for i in Instance.select(lambda i: i.live and i.status == _RUNNING
+                                       and not i.admin_hold).order_by(Instance.id)
+            if i.id not in away]
 
 
 def report_destroyed(report: Report) -> int:
@@ -270,9 +282,13 @@ def sync(config: Config, progress: Progress = _quiet, check: bool = False) -> Re
         report.seconds = time.perf_counter() - started
         return report
     with db_session:
+        away = moves.moving()
         for store in found.drifted:
             instance = Instance[store.instance_id]
             problem = "; ".join(store.problems)
+            if instance.id in away:
+                report.lines.append(f"{instance.subdomain}: {problem} (being moved: left alone)")
+                continue
             if instance.admin_hold or instance.desired_state not in CONVERGED:
                 report.lines.append(f"{instance.subdomain}: {problem} (held: left alone)")
                 continue
@@ -294,8 +310,11 @@ def regenerate_vhosts(config: Config, progress: Progress = _quiet) -> Report:
     report = Report("nginx")
     started = time.perf_counter()
     with db_session:
+        # A store being moved: its vhost is the move's to switch (kept, not pruned).
+        away = moves.moving()
         stores = [with_target(config, i) for i in Instance.select(
-            lambda i: i.live and i.provisioned_at is not None).order_by(Instance.id)]
+            lambda i: i.live and i.provisioned_at is not None).order_by(Instance.id)
+            if i.id not in away]
         # A store in its first provisioning has no vhost to render yet, nor to lose.
         keep = list(select(i.subdomain for i in Instance if i.live))
     if stores:
@@ -318,9 +337,11 @@ def remove_orphans(config: Config, progress: Progress = _quiet) -> Report:
     report = Report("orphans")
     with db_session:
         known = {(i.docker_host, i.container_name) for i in Instance.select(lambda i: i.live)}
+        # A store being moved has a container on its new host the DB does not name yet.
+        away = {Instance[i].container_name for i in moves.moving()}
     for host in docker_hosts.load_hosts(config):
         for name, info in docker_facts.containers_on(config, host).items():
-            if (host.name, name) in known or info["state"] == "running":
+            if (host.name, name) in known or info["state"] == "running" or name in away:
                 continue
             docker_facts.remove_container(host, name)
             report.lines.append(f"removed stopped orphan {name} on {host.name}")

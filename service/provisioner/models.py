@@ -446,7 +446,9 @@ def bind(config: Config) -> Database:
         with _schema_lock(options):
             _map(db)
     else:
-        raise ConfigError(f"DATABASE_URL must be sqlite:///path or postgresql://..., got {url!r}")
+        # Only its scheme: the rest may hold a password.
+        raise ConfigError("DATABASE_URL must be sqlite:///path or postgresql://..., got "
+                          f"{urlparse(url).scheme or 'no scheme'}://...")
     return db
 
 

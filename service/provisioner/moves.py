@@ -8,11 +8,13 @@ says the store is there."""
 
 from __future__ import annotations
 
+import fcntl
+import os
 import shutil
 import tempfile
 import time
 
-from pony.orm import commit, db_session
+from pony.orm import commit, db_session, select
 
 from provisioner import docker_hosts, jobs
 from provisioner.ansible import operations
@@ -20,7 +22,7 @@ from provisioner.ansible.operations import Operation
 from provisioner.ansible.store_vars import with_target
 from provisioner.config import Config
 from provisioner.models import Instance, Job, LogEntry, utcnow
-from provisioner.states import JobKind, StoreState
+from provisioner.states import JobKind, JobState, StoreState, transition
 
 # A store with data and a container: moved in the state it is in.
 MOVABLE = frozenset({StoreState.RUNNING, StoreState.STOPPED, StoreState.SUSPENDED})
@@ -28,6 +30,14 @@ MOVABLE = frozenset({StoreState.RUNNING, StoreState.STOPPED, StoreState.SUSPENDE
 
 class Refused(jobs.Final):
     """The move cannot be done as the store or the hosts stand; the message says why."""
+
+
+def moving() -> set[int]:
+    """Stores a move is working on now (needs a db_session): the maintenance jobs leave
+    them alone (a sweep would start the stopped store on its old host mid-copy, cleanup
+    take its new container for an orphan, a re-render point the vhost back)."""
+    return set(select(j.instance.id for j in Job
+                      if j.kind == JobKind.MOVE and j.state == JobState.RUNNING))
 
 
 def check(config: Config, instance: Instance, target: str) -> docker_hosts.DockerHost:
@@ -47,7 +57,12 @@ def check(config: Config, instance: Instance, target: str) -> docker_hosts.Docke
         raise Refused(f"{target} is draining: no store is moved there")
     if room["free"] <= 0:
         raise Refused(f"{target} is full ({room['stores']} of {room['max_stores']} stores)")
-    return docker_hosts.host_of(config, target)
+    source, destination = (docker_hosts.host_of(config, instance.docker_host),
+                           docker_hosts.host_of(config, target))
+    if source.edge != destination.edge:
+        raise Refused(f"{target}'s stores are served by {destination.edge}, this store's by "
+                      f"{source.edge}: a move keeps its nginx host")
+    return destination
 
 
 def request_move(config: Config, instance: Instance, target: str) -> Job:
@@ -56,13 +71,43 @@ def request_move(config: Config, instance: Instance, target: str) -> Job:
     return jobs.enqueue(JobKind.MOVE, instance=instance, detail=target)
 
 
+def _stash(config: Config) -> tuple[str, int]:
+    """A private dir on this machine for the archive in transit (customer data), locked
+    while its move runs; a killed move's stash is removed by the next move."""
+    config.ansible_runs_dir.mkdir(parents=True, mode=0o700, exist_ok=True)
+    for old in config.ansible_runs_dir.glob("move-*"):
+        try:
+            fd = os.open(old / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # a move in another process is using it
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+        finally:
+            os.close(fd)
+    stash = tempfile.mkdtemp(prefix="move-", dir=config.ansible_runs_dir)  # 0700
+    lock = os.open(f"{stash}/.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    return stash, lock
+
+
 def run_job(config: Config, job_id: int) -> str:
     """worker._care: one MOVE job. Checked again (the store or the hosts may have
-    changed since it was asked); never retried on its own, since each try stops the
-    store: a failed move says why and an admin asks again."""
+    changed since it was asked); never tried twice, since each try stops the store and
+    an interrupted one may have moved it: a failed move says why and an admin asks
+    again."""
     with db_session:
         job = Job[job_id]
         instance, target = job.instance, job.detail or ""
+        if job.logs.select(lambda e: e.message.startswith("move from")).exists():
+            # A try of this job started and never ended (the worker died): where the
+            # store's data is now is for an admin to see, never for a blind second try.
+            raise Refused(f"an earlier try of moving {instance.subdomain} to {target} was "
+                          "interrupted; see `provisioner sync --check` and the store's log "
+                          "before asking again")
         check(config, instance, target)
         origin = instance.docker_host
         source = docker_hosts.host_of(config, origin)
@@ -73,14 +118,14 @@ def run_job(config: Config, job_id: int) -> str:
         store = with_target(config, instance).with_(move_to=target, move_archive=archive)
         instance_id = instance.id
         LogEntry(instance=instance, job=job, message=f"move from {origin} to {target} started")
-    config.ansible_runs_dir.mkdir(parents=True, exist_ok=True)
-    stash = tempfile.mkdtemp(prefix="move-", dir=config.ansible_runs_dir)  # 0700
+    stash, lock = _stash(config)
     started = time.monotonic()
     try:
         result = operations.run(config, Operation.MOVE, [store], jobs={store.name: job_id},
                                 extra_vars={"move_stash": stash})
     finally:
         shutil.rmtree(stash, ignore_errors=True)
+        os.close(lock)
     outcome = result.hosts[store.name]
     moved_to = result.store_results.get(store.name, {}).get("docker_host")
     with db_session:
@@ -90,7 +135,9 @@ def run_job(config: Config, job_id: int) -> str:
                      message=f"move to {target} failed, the store stays on {origin}: "
                              f"{outcome.error}")
             # The playbook put it back; a run that died on the way may not have: the
-            # store is brought to its state on its old host.
+            # store is brought to its state on its old host (its data is still there:
+            # play 3 removes it only after the store serves from the new host).
+            transition(instance, StoreState.OUT_OF_STEP, f"move to {target} failed")
             jobs.enqueue(JobKind.CONVERGE, instance=instance)
             commit()  # kept, though the job fails
             raise Refused(f"move of {instance.subdomain} to {target} failed, it stays on "

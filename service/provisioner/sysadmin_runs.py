@@ -19,7 +19,7 @@ from pathlib import PurePath
 
 from pony.orm import db_session
 
-from provisioner import domains, lifecycle
+from provisioner import docker_hosts, domains, lifecycle
 from provisioner.config import Config
 from provisioner.models import AnsibleRun, AuditEntry, Instance, LogEntry
 from provisioner.redaction import redact
@@ -111,7 +111,7 @@ def record(config: Config, run: ManualRun) -> list[str]:
         for name, instance in touched.items():
             outcome = run.hosts[name]
             moved_to = str(outcome.result.get("docker_host") or "") if action == "move" else ""
-            if moved_to:
+            if moved_to and moved_to in {h.name for h in docker_hosts.load_hosts(config)}:
                 # It serves from there, even if cleaning up the old host failed after.
                 instance.docker_host = moved_to
             if not outcome.ok:
