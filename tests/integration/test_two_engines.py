@@ -105,9 +105,11 @@ def two_host_config(service, engine_b, tmp_path):
 
 
 def running_on(url: str) -> set[str]:
+    """This test's running stores on an engine (the first engine is shared: other
+    tests' stores may come and go there meanwhile)."""
     out = subprocess.run(["docker", "-H", url, "ps", "--format", "{{.Names}}"],
                          check=True, capture_output=True, text=True).stdout
-    return {name for name in out.split() if name.startswith("ebuilder_")}
+    return {name for name in out.split() if name.startswith("ebuilder_spread-")}
 
 
 def drain(config, names, timeout=240):
