@@ -3,7 +3,8 @@
 # Debian packages (docker.io, nginx, busybox-static, openssl) when missing,
 # a Docker engine when none answers, a venv in .venv with the package
 # installed, and the stand-in eBuilder image. Safe to run again.
-# Usage: scripts/setup.sh [--with-browser]   (the browser, Pebble and PostgreSQL are for the tests)
+# Usage: scripts/setup.sh [--with-browser]   (the browser, Pebble, PostgreSQL and sshd
+# are for the tests)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 log() { echo "setup: $*"; }
@@ -22,7 +23,7 @@ fi
 # sshd for the hosts of the multi-host tests: scripts/netns-hosts.sh starts one in each
 # network namespace. The service stays off (Debian's switch, which ssh.service,
 # ssh.socket and /etc/init.d/ssh obey): no sshd listens on this machine itself.
-if [ ! -x /usr/sbin/sshd ]; then
+if [ $with_browser = 1 ] && [ ! -x /usr/sbin/sshd ]; then
     mkdir -p /etc/ssh
     touch /etc/ssh/sshd_not_to_be_run
     need+=(openssh-server)
